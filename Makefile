@@ -1,0 +1,31 @@
+# Two entry points used by README.md and .ci/run: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_CPU_VERSION ?= 2.13.0
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Without CUDA, install the CPU wheel of torch first so the dependency resolver never pulls a CUDA build.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA driver found: installing torch from the default index"; \
+	else \
+		echo "no CUDA: installing the CPU build torch==$(TORCH_CPU_VERSION)"; \
+		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/sparsedial generate --model models/stdlib-tiny --prompt "def fibonacci(n):" --max-tokens 80 --seed 0
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,53 @@
+"""One entry point for sparse linears: Triton on CUDA, the torch reference elsewhere.
+
+Triton is imported only when a Triton kernel is about to run, so ``import sparsedial.kernels`` works on a
+CPU-only machine without triton installed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ._launch import KernelPath, interpreter_enabled
+from .formats import Packed24, PackedBitmap
+from .reference import linear_24_reference, linear_bitmap_reference
+
+__all__ = ["Backend", "sparse_linear"]
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    packed: Packed24 | PackedBitmap,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+    path: KernelPath = "auto",
+) -> torch.Tensor:
+    """y = x @ W.T + bias for a packed sparse W [N, K]. x: [..., K] -> y: [..., N] (dtype of x).
+
+    backend: "auto" runs Triton when x is on CUDA and the torch reference otherwise; "triton" forces the
+        kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch" forces the reference.
+    path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows).
+    """
+    if not isinstance(packed, (Packed24, PackedBitmap)):
+        raise ValueError(f"packed must be a Packed24 or PackedBitmap, got {type(packed).__name__}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    if use_triton and not (x.is_cuda or interpreter_enabled()):
+        raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; x is on {x.device}")
+    if not use_triton:
+        if isinstance(packed, Packed24):
+            return linear_24_reference(x, packed, bias)
+        return linear_bitmap_reference(x, packed, bias)
+    if isinstance(packed, Packed24):
+        from .triton_24 import linear_24_triton
+
+        return linear_24_triton(x, packed, bias, path=path)
+    from .triton_bitmap import linear_bitmap_triton
+
+    return linear_bitmap_triton(x, packed, bias, path=path)

@@ -1,0 +1,233 @@
+"""Packed sparse weight formats: 2:4 semi-structured and bitmap (unstructured).
+
+Both formats store a linear layer's weight ``W: [N, K]`` (N = out features, K = in features) in
+compressed form. Packing is exact: ``unpack(pack(W * mask)) == W * mask`` bit for bit, because values
+are copied, never converted.
+
+Byte budget per weight (fp16 values; dense fp16 is 2 bytes, see shared/notes/kernels.md):
+
+* ``Packed24``: values ``[N, K/2]`` + a 2-bit index per value = 1 + 0.125 = 1.125 bytes/weight.
+* ``PackedBitmap`` at sparsity ``s``: ``2 (1 - s)`` value bytes + 1 bit/weight of bitmap
+  (0.125) + one int64 row pointer per row (``8 / K``, 0.002 at K=4096).
+
+Layouts are neutral (row-major, little-endian bit order) so a backend can repack at load if it needs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Packed24",
+    "PackedBitmap",
+    "pack_24",
+    "unpack_24",
+    "pack_bitmap",
+    "unpack_bitmap",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# 2:4 meta: 16 two-bit indices per int32 word, in value order (value j -> bits 2*(j % 16) of word j // 16).
+_IDX_PER_WORD = 16
+# Bitmap: 32 weights per int32 word (weight k -> bit k % 32 of word k // 32).
+_BITS_PER_WORD = 32
+
+
+def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {weight.dtype}")
+
+
+def _check_mask(mask: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """Return a bool mask [N, K]; None means "keep the nonzeros of weight"."""
+    if mask is None:
+        return weight != 0
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+    return mask.to(device=weight.device, dtype=torch.bool)
+
+
+def _pack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack small unsigned fields into int32 words, little-endian.
+
+    bits: [N, L] integer tensor with values < 2**width, L a multiple of 32 // width.
+    Returns [N, L * width // 32] int32 (bit pattern reinterpreted from uint32).
+    """
+    per_word = _BITS_PER_WORD // width
+    n, length = bits.shape
+    fields = bits.to(torch.int64).reshape(n, length // per_word, per_word)
+    shifts = torch.arange(per_word, device=bits.device, dtype=torch.int64) * width
+    words = (fields << shifts).sum(dim=-1)  # [N, W] in [0, 2**32)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # uint32 -> int32 bit pattern
+    return words.to(torch.int32)
+
+
+def _unpack_bits(words: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``_pack_bits``: [N, W] int32 -> [N, W * 32 // width] int64 fields."""
+    per_word = _BITS_PER_WORD // width
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * width
+    fields = (words.to(torch.int64)[:, :, None] >> shifts) & ((1 << width) - 1)
+    return fields.reshape(words.shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2:4 semi-structured
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packed24:
+    """A 2:4 sparse weight: in each group of 4 consecutive inputs of a row, 2 values are kept.
+
+    values: [N, K/2], the kept values of each group in increasing input order (dtype of the weight).
+    meta:   [N, ceil(K/32)] int32; value j of a row sits at input ``4 * (j // 2) + idx_j`` where
+            ``idx_j = (meta[n, j // 16] >> (2 * (j % 16))) & 3``. Unused high bits are zero.
+    shape:  (N, K) of the dense weight.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed tensors (what a kernel must read)."""
+        return _nbytes(self.values) + _nbytes(self.meta)
+
+    def to(self, device: torch.device | str) -> Packed24:
+        return Packed24(self.values.to(device), self.meta.to(device), self.shape)
+
+
+def pack_24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
+    """Pack ``weight * mask`` into the 2:4 format.
+
+    weight: [N, K] fp16/bf16/fp32 with K divisible by 4.
+    mask:   [N, K] bool with exactly 2 True per group of 4 along K; if None, the nonzeros of ``weight``
+            are used and groups with fewer than 2 nonzeros are filled with (zero-valued) slots.
+    Raises ValueError when K % 4 != 0 or a group keeps more than 2 entries.
+    """
+    _check_weight(weight)
+    n, k = weight.shape
+    if k % 4 != 0:
+        raise ValueError(f"2:4 packing needs in_features divisible by 4, got K={k}")
+    keep = _check_mask(mask, weight)
+    groups = keep.reshape(n, k // 4, 4)
+    counts = groups.sum(dim=-1)
+    if (counts > 2).any():
+        raise ValueError("2:4 packing: some group of 4 keeps more than 2 entries")
+    if mask is not None and (counts != 2).any():
+        raise ValueError("2:4 packing: mask must keep exactly 2 of every 4 inputs")
+    # Pick 2 slots per group: kept positions first (stable, so increasing order), then padding slots.
+    pos = torch.arange(4, device=weight.device)
+    order_key = (~groups).to(torch.int64) * 4 + pos  # kept -> 0..3, dropped -> 4..7
+    idx = order_key.argsort(dim=-1)[..., :2].sort(dim=-1).values  # [N, K/4, 2]
+    vals = torch.gather(weight.reshape(n, k // 4, 4), 2, idx)
+    vals = torch.where(torch.gather(groups, 2, idx), vals, torch.zeros_like(vals))
+    idx = idx.reshape(n, k // 2)
+    pad = (-idx.shape[1]) % _IDX_PER_WORD
+    idx = torch.nn.functional.pad(idx, (0, pad))
+    return Packed24(vals.reshape(n, k // 2).contiguous(), _pack_bits(idx, 2).contiguous(), (n, k))
+
+
+def unpack_24(packed: Packed24) -> torch.Tensor:
+    """Dense [N, K] weight with zeros at the dropped positions."""
+    n, k = packed.shape
+    idx = _unpack_bits(packed.meta, 2)[:, : k // 2]  # [N, K/2]
+    cols = 4 * (torch.arange(k // 2, device=idx.device) // 2) + idx
+    dense = torch.zeros(n, k, dtype=packed.dtype, device=packed.device)
+    dense.scatter_(1, cols, packed.values)  # pack never emits two equal indices in a group
+    return dense
+
+
+# --------------------------------------------------------------------------------------------------
+# Bitmap (unstructured)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedBitmap:
+    """An unstructured sparse weight as a bitmap plus the kept values compacted row-major.
+
+    bitmap:  [N, ceil(K/32)] int32; weight (n, k) is kept iff bit ``k % 32`` of ``bitmap[n, k // 32]``.
+    values:  [nnz] kept values, row by row, increasing k within a row (dtype of the weight).
+    row_ptr: [N + 1] int64; row n's values are ``values[row_ptr[n]:row_ptr[n + 1]]``.
+    shape:   (N, K) of the dense weight.
+    """
+
+    bitmap: torch.Tensor
+    values: torch.Tensor
+    row_ptr: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        """Fraction of kept weights (1 - sparsity)."""
+        n, k = self.shape
+        return self.nnz / max(1, n * k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed tensors (what a kernel must read)."""
+        return _nbytes(self.bitmap) + _nbytes(self.values) + _nbytes(self.row_ptr)
+
+    def to(self, device: torch.device | str) -> PackedBitmap:
+        return PackedBitmap(
+            self.bitmap.to(device), self.values.to(device), self.row_ptr.to(device), self.shape
+        )
+
+
+def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedBitmap:
+    """Pack ``weight * mask`` into the bitmap format (any K, any sparsity pattern).
+
+    weight: [N, K] fp16/bf16/fp32. mask: [N, K] bool, or None for "the nonzeros of weight".
+    Kept entries whose value is 0 are stored as explicit zeros (the bitmap is the mask).
+    """
+    _check_weight(weight)
+    n, k = weight.shape
+    keep = _check_mask(mask, weight)
+    values = weight[keep].contiguous()  # boolean indexing is row-major: row by row, increasing k
+    counts = keep.sum(dim=1, dtype=torch.int64)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
+    row_ptr[1:] = counts.cumsum(0)
+    pad = (-k) % _BITS_PER_WORD
+    bits = torch.nn.functional.pad(keep.to(torch.int64), (0, pad))
+    return PackedBitmap(_pack_bits(bits, 1).contiguous(), values, row_ptr, (n, k))
+
+
+def unpack_bitmap(packed: PackedBitmap) -> torch.Tensor:
+    """Dense [N, K] weight with zeros at the dropped positions."""
+    n, k = packed.shape
+    keep = _unpack_bits(packed.bitmap, 1)[:, :k].to(torch.bool)
+    dense = torch.zeros(n, k, dtype=packed.dtype, device=packed.device)
+    dense[keep] = packed.values
+    return dense
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

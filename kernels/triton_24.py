@@ -1,0 +1,169 @@
+"""Triton 2:4 sparse linear: y = x @ W.T (+ bias) with W in the ``Packed24`` format.
+
+Load-as-sparse, compute-as-dense: each program reads the compressed values [BLOCK_N, BLOCK_K/2] and
+their 2-bit indices, expands them in registers into a dense [BLOCK_N, BLOCK_K] tile and then
+* ``gemv`` (small M, decode): multiplies by each of up to BLOCK_M rows of x with fp32 FMAs, no padding
+  of M to the 16 rows a tensor-core dot needs;
+* ``dot`` (prefill chunks): runs a dense ``tl.dot`` with fp32 accumulation.
+The torch reference is ``reference.linear_24_reference``. This module imports triton: import it only
+on CUDA or in interpreter mode (``dispatch`` does so lazily).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import (
+    KernelPath,
+    check_triton_device,
+    choose_path,
+    flatten_rows,
+    interpreter_enabled,
+    next_power_of_2,
+)
+from ._triton_util import autotune_bench
+from .formats import Packed24
+from .reference import check_linear_inputs
+
+__all__ = ["linear_24_triton"]
+
+KEY_GEMV = ["N", "K", "BLOCK_M"]
+KEY_DOT = ["N", "K", "M_BUCKET"]  # M rounded up to a power of 2: one tuning per size class
+
+
+def _gemv_configs() -> list[triton.Config]:
+    # The interpreter crashes on multi-config autotune: one small config there.
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    shapes = [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 8), (8, 1024, 8), (16, 1024, 8)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in shapes]
+
+
+def _dot_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+              (32, 128, 128, 8, 3)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.jit
+def _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K: tl.constexpr):
+    """Dense tile W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K // 4, 4] (zeros outside W)."""
+    g = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # global group index, [G]
+    mask = (offs_n < N)[:, None] & (g < K // 4)[None, :]  # [BN, G]
+    rows = offs_n.to(tl.int64)[:, None]
+    v_row = values_ptr + rows * (K // 2)
+    v0 = tl.load(v_row + 2 * g[None, :], mask=mask, other=0.0)  # first kept value of each group
+    v1 = tl.load(v_row + 2 * g[None, :] + 1, mask=mask, other=0.0)
+    # value 2g has its index at bits 2 * (2g % 16) = 4 * (g % 8) of meta word (2g) // 16 = g // 8
+    word = tl.load(meta_ptr + rows * ((K // 2 + 15) // 16) + (g // 8)[None, :], mask=mask, other=0)
+    shift = ((g % 8) * 4)[None, :]
+    i0 = ((word >> shift) & 3)[:, :, None]
+    i1 = ((word >> (shift + 2)) & 3)[:, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    return tl.where(i0 == c, v0[:, :, None], tl.where(i1 == c, v1[:, :, None], 0.0))
+
+
+@triton.autotune(configs=_gemv_configs(), key=KEY_GEMV, do_bench=autotune_bench)
+@triton.jit
+def _gemv_24_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4] offsets in block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K // 4, 4), dtype=tl.float32)  # M == 1: reduce once, after the loop
+    for k0 in range(0, K, BLOCK_K):
+        w = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K).to(tl.float32)  # [BN, G, 4]
+        if BLOCK_M == 1:
+            xv = tl.load(x_ptr + pid_m * stride_xm + k0 + kk, mask=(k0 + kk) < K, other=0.0)
+            acc3 += w * xv.to(tl.float32)[None, :, :]
+        else:
+            for mi in tl.static_range(BLOCK_M):
+                m = pid_m * BLOCK_M + mi
+                k_end = tl.where(m < M, K, 0)  # rows past M read nothing (one compare, no scalar & mask)
+                xv = tl.load(x_ptr + m * stride_xm + k0 + kk, mask=(k0 + kk) < k_end, other=0.0)
+                part = tl.sum(tl.sum(w * xv.to(tl.float32)[None, :, :], axis=2), axis=1)  # [BN]
+                acc = tl.where(rows_m[:, None] == mi, acc + part[None, :], acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    offs_m = pid_m * BLOCK_M + rows_m
+    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.autotune(configs=_dot_configs(), key=KEY_DOT, do_bench=autotune_bench)
+@triton.jit
+def _dot_24_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, M_BUCKET,
+    HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Programs that share a weight tile are adjacent (pid_m fastest), so the tile is re-read from L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_n = pid // num_m
+    pid_m = pid % num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x_mask = (offs_m < M)[:, None] & ((k0 + offs_k) < K)[None, :]
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
+        w = tl.reshape(_expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K), (BLOCK_N, BLOCK_K))
+        if IEEE_FP32:
+            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def linear_24_triton(
+    x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None, path: KernelPath = "auto"
+) -> torch.Tensor:
+    """y = x @ W.T + bias with the Triton 2:4 kernels. x: [..., K] -> y: [..., N] (dtype of x).
+
+    path: "gemv" (FMA, best for decode), "dot" (tensor cores, prefill) or "auto" (by M).
+    """
+    check_linear_inputs(x, packed, bias)
+    check_triton_device(x)
+    n, k = packed.shape
+    x2 = flatten_rows(x)  # [M, K]
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
+    if choose_path(path, m) == "gemv":
+        block_m = min(next_power_of_2(m), 8)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        _gemv_24_kernel[grid](
+            x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        )
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _dot_24_kernel[grid](
+            x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
+            min(next_power_of_2(m), 256),
+            HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
+        )
+    return y.reshape(*x.shape[:-1], n)

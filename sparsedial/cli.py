@@ -1,10 +1,130 @@
-"""The `sparsedial` command line."""
+"""The `sparsedial` command line: `generate` and `eval-ppl` (more subcommands arrive as they work).
 
+Errors in user input (missing model, bad option values) print one line `sparsedial: error: ...` and exit
+with status 2; no stack traces.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+from sparsedial.errors import SparsedialError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-tiny"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="Hugging Face model directory (default: the embedded stdlib-tiny model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SparsedialError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sparsedial.engine.generate import generate
+    from sparsedial.engine.loader import load_model
+    from sparsedial.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    except ValueError as e:
+        raise SparsedialError(str(e)) from None
+    lm = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    try:
+        (c,) = generate(lm.model, lm.tokenizer, [prompt], params)
+    except ValueError as e:
+        raise SparsedialError(str(e)) from None
+    sys.stdout.write(prompt + c.text + "\n")
+    print(f"[{len(c.prompt_tokens)} prompt tokens, {len(c.tokens)} generated, finish: {c.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsedial.engine.evaluate import load_texts, perplexity, token_stream
+    from sparsedial.engine.loader import load_model
+
+    device = _device(args.device)
+    lm = load_model(args.model, dtype=args.dtype, device=device)
+    try:
+        texts = load_texts(args.data)
+    except FileNotFoundError as e:
+        raise SparsedialError(str(e)) from None
+    ids = token_stream(lm.tokenizer, texts)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    seq_len = min(args.seq_len, lm.config.max_position_embeddings - 1)
+    if args.backend == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=lm.model.lm_head.weight.dtype).to(device).eval()
+        fn = lambda x: ref(input_ids=x).logits  # noqa: E731
+    else:
+        fn = lm.model
+    with torch.inference_mode():
+        r = perplexity(fn, ids, n_bytes, seq_len=seq_len, batch_size=args.batch_size, device=device)
+    print(f"model {args.model}  data {args.data}  backend {args.backend}")
+    print(f"perplexity {r.perplexity:.3f}  nll {r.nll:.4f}  bits/byte {r.bits_per_byte:.4f}  "
+          f"tokens {r.tokens}  window {seq_len}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparsedial import __version__
+
+    parser = argparse.ArgumentParser(prog="sparsedial", description="Serve one elastic sparse LLM at many tiers.")
+    parser.add_argument("--version", action="version", version=f"sparsedial {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt with a model")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, help="text to complete")
+    g.add_argument("--escapes", action="store_true", help=r"interpret \n, \t ... in --prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval-ppl", help="held-out perplexity of a model")
+    _add_model_args(e)
+    e.add_argument("--data", default="heldout",
+                   help="'heldout' (default) or 'val' stdlib modules, or a text file / folder")
+    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--backend", choices=["sparsedial", "transformers"], default="sparsedial",
+                   help="whose implementation computes the logits (transformers = reference check)")
+    e.set_defaults(func=cmd_eval_ppl)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("sparsedial: no subcommands yet")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SparsedialError as e:
+        parser.exit(2, f"sparsedial: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "sparsedial: interrupted\n")
 
 
 if __name__ == "__main__":

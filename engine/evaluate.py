@@ -47,7 +47,7 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.extend(tokenizer.encode(text, add_special_tokens=False, verbose=False))
         if eos is not None:
             ids.append(eos)
     return ids

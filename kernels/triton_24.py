@@ -43,7 +43,7 @@ def _gemv_configs() -> list[triton.Config]:
 
 def _dot_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
     shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
               (32, 128, 128, 8, 3)]
     return [
@@ -53,21 +53,17 @@ def _dot_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K: tl.constexpr):
-    """Dense tile W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K // 4, 4] (zeros outside W)."""
-    g = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # global group index, [G]
-    mask = (offs_n < N)[:, None] & (g < K // 4)[None, :]  # [BN, G]
+def _load_24(values_ptr, meta_ptr, offs_n, j, N, K):
+    """Values [BLOCK_N, BJ] at value indices j (2 per group of 4 inputs) and the input each one multiplies.
+
+    Returns (vals, col): vals zero outside W; col = 4 * (j // 2) + idx, idx read from the 2-bit meta.
+    """
+    mask = (offs_n < N)[:, None] & (j < K // 2)[None, :]
     rows = offs_n.to(tl.int64)[:, None]
-    v_row = values_ptr + rows * (K // 2)
-    v0 = tl.load(v_row + 2 * g[None, :], mask=mask, other=0.0)  # first kept value of each group
-    v1 = tl.load(v_row + 2 * g[None, :] + 1, mask=mask, other=0.0)
-    # value 2g has its index at bits 2 * (2g % 16) = 4 * (g % 8) of meta word (2g) // 16 = g // 8
-    word = tl.load(meta_ptr + rows * ((K // 2 + 15) // 16) + (g // 8)[None, :], mask=mask, other=0)
-    shift = ((g % 8) * 4)[None, :]
-    i0 = ((word >> shift) & 3)[:, :, None]
-    i1 = ((word >> (shift + 2)) & 3)[:, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    return tl.where(i0 == c, v0[:, :, None], tl.where(i1 == c, v1[:, :, None], 0.0))
+    vals = tl.load(values_ptr + rows * (K // 2) + j[None, :], mask=mask, other=0.0)  # contiguous, vectorized
+    word = tl.load(meta_ptr + rows * ((K // 2 + 15) // 16) + (j // 16)[None, :], mask=mask, other=0)
+    idx = (word >> (2 * (j % 16))[None, :]) & 3
+    return vals, 4 * (j // 2)[None, :] + idx
 
 
 @triton.autotune(configs=_gemv_configs(), key=KEY_GEMV, do_bench=autotune_bench)
@@ -77,27 +73,29 @@ def _gemv_24_kernel(
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Sparse side stays compressed: each kept value gathers its x element (x is tiny and L1-resident).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, BLOCK_K // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4] offsets in block
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K // 4, 4), dtype=tl.float32)  # M == 1: reduce once, after the loop
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # M == 1: reduce once, after the loop
     for k0 in range(0, K, BLOCK_K):
-        w = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K).to(tl.float32)  # [BN, G, 4]
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        vals, col = _load_24(values_ptr, meta_ptr, offs_n, j, N, K)  # [BN, BK/2] each
+        vals = vals.to(tl.float32)
         if BLOCK_M == 1:
-            xv = tl.load(x_ptr + pid_m * stride_xm + k0 + kk, mask=(k0 + kk) < K, other=0.0)
-            acc3 += w * xv.to(tl.float32)[None, :, :]
+            xg = tl.load(x_ptr + pid_m * stride_xm + col, mask=col < K, other=0.0)
+            acc2 += vals * xg.to(tl.float32)
         else:
             for mi in tl.static_range(BLOCK_M):
                 m = pid_m * BLOCK_M + mi
                 k_end = tl.where(m < M, K, 0)  # rows past M read nothing (one compare, no scalar & mask)
-                xv = tl.load(x_ptr + m * stride_xm + k0 + kk, mask=(k0 + kk) < k_end, other=0.0)
-                part = tl.sum(tl.sum(w * xv.to(tl.float32)[None, :, :], axis=2), axis=1)  # [BN]
+                xg = tl.load(x_ptr + m * stride_xm + col, mask=col < k_end, other=0.0)
+                part = tl.sum(vals * xg.to(tl.float32), axis=1)  # [BN]
                 acc = tl.where(rows_m[:, None] == mi, acc + part[None, :], acc)
     if BLOCK_M == 1:
-        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     offs_m = pid_m * BLOCK_M + rows_m
@@ -113,23 +111,30 @@ def _dot_24_kernel(
     HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Programs that share a weight tile are adjacent (pid_m fastest), so the tile is re-read from L2.
+    # y = sum_c X_c @ W_c.T over the 4 slots c of a group, in the compressed K/2 space:
+    #   W_c[n, j] = vals[n, j] if idx[n, j] == c else 0,   X_c[m, j] = x[m, 4 * (j // 2) + c].
+    # Twice the dense tensor-core work (cheap at these sizes), but every tile stays 2-D and values load
+    # contiguously, with no register reshuffle to expand groups.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
-    pid_n = pid // num_m
+    pid_n = pid // num_m  # programs sharing a weight tile are adjacent: it is re-read from L2
     pid_m = pid % num_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x_mask = (offs_m < M)[:, None] & ((k0 + offs_k) < K)[None, :]
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
-        w = tl.reshape(_expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, BLOCK_K), (BLOCK_N, BLOCK_K))
-        if IEEE_FP32:
-            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(w), acc)
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        vals, col = _load_24(values_ptr, meta_ptr, offs_n, j, N, K)  # [BN, BK/2]
+        idx = col % 4
+        x_row = x_ptr + offs_m[:, None] * stride_xm + (4 * (j // 2))[None, :]  # [BM, BK/2]
+        x_mask = (offs_m < M)[:, None] & (j < K // 2)[None, :]
+        for c in tl.static_range(4):
+            xc = tl.load(x_row + c, mask=x_mask, other=0.0)
+            wc = tl.where(idx == c, vals, 0.0)
+            if IEEE_FP32:
+                acc = tl.dot(xc, tl.trans(wc), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xc, tl.trans(wc), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]

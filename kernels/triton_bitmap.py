@@ -37,39 +37,35 @@ KEY_DOT = ["N", "K", "M_BUCKET", "DENSITY_KEY"]  # M rounded up to a power of 2
 def _gemv_configs() -> list[triton.Config]:
     # The interpreter crashes on multi-config autotune: one small config there.
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_W": 2}, num_warps=4)]
-    shapes = [(8, 8, 4), (16, 8, 4), (16, 16, 8), (32, 8, 8), (8, 32, 8), (16, 4, 4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=2) for bn, bw, w in shapes]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    shapes = [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (4, 512, 4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in shapes]
 
 
 def _dot_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_W": 1}, num_warps=4)]
-    shapes = [(16, 64, 4, 4, 3), (32, 64, 4, 4, 3), (64, 128, 2, 8, 3), (128, 128, 2, 8, 3),
-              (32, 128, 4, 8, 3)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+              (32, 128, 128, 8, 3)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
-        for bm, bn, bw, w, s in shapes
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
     ]
 
 
 @triton.jit
-def _expand_bitmap(bitmap_ptr, values_ptr, start, offs_n, w0, N, KW, BLOCK_W: tl.constexpr):
-    """Dense tile of rows offs_n, inputs [32 * w0, 32 * (w0 + BLOCK_W)) as [BLOCK_N, BLOCK_W, 32].
+def _load_bitmap(bitmap_ptr, values_ptr, start, offs_n, k, N, K):
+    """Dense tile W[offs_n, k] [BLOCK_N, BLOCK_K] and the number of kept values per row in it.
 
-    start: [BLOCK_N] int64 index in values of each row's first value in this block.
-    Returns the tile and the number of kept values per row in the block ([BLOCK_N] int32).
+    start: [BLOCK_N] int64 index in values of each row's first kept value at or after k[0].
     """
-    wi = w0 + tl.arange(0, BLOCK_W)
-    mask = (offs_n < N)[:, None] & (wi < KW)[None, :]  # [BN, BW]
-    words = tl.load(bitmap_ptr + offs_n.to(tl.int64)[:, None] * KW + wi[None, :], mask=mask, other=0)
-    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # [BN, BW, 32]
-    count = tl.sum(bits, axis=2)  # [BN, BW] kept per word
-    word_start = tl.cumsum(count, axis=1) - count  # exclusive prefix over words
-    rank = tl.cumsum(bits, axis=2) - bits  # exclusive prefix inside the word
-    idx = start[:, None, None] + (word_start[:, :, None] + rank).to(tl.int64)
-    vals = tl.load(values_ptr + idx, mask=bits != 0, other=0.0)
-    return vals, tl.sum(count, axis=1)
+    mask = (offs_n < N)[:, None] & (k < K)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    word = tl.load(bitmap_ptr + rows * ((K + 31) // 32) + (k // 32)[None, :], mask=mask, other=0)
+    bit = (word >> (k % 32)[None, :]) & 1  # [BN, BK]
+    rank = tl.cumsum(bit, axis=1) - bit  # kept values before k in this block
+    vals = tl.load(values_ptr + start[:, None] + rank.to(tl.int64), mask=bit != 0, other=0.0)
+    return vals, tl.sum(bit, axis=1)
 
 
 @triton.autotune(configs=_gemv_configs(), key=KEY_GEMV, do_bench=autotune_bench)
@@ -77,34 +73,32 @@ def _expand_bitmap(bitmap_ptr, values_ptr, start, offs_n, w0, N, KW, BLOCK_W: tl
 def _gemv_bitmap_kernel(
     x_ptr, bitmap_ptr, values_ptr, row_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, DENSITY_KEY,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
-    kw = (K + 31) // 32
-    kk = tl.arange(0, BLOCK_W)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BW, 32] offsets in block
     start = tl.load(row_ptr + offs_n, mask=offs_n < N, other=0)  # [BN] int64
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_W, 32), dtype=tl.float32)  # M == 1: reduce once, after the loop
-    for w0 in range(0, kw, BLOCK_W):
-        w, count = _expand_bitmap(bitmap_ptr, values_ptr, start, offs_n, w0, N, kw, BLOCK_W)
-        w = w.to(tl.float32)  # [BN, BW, 32]
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # M == 1: reduce once, after the loop
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        w, count = _load_bitmap(bitmap_ptr, values_ptr, start, offs_n, k, N, K)
+        w = w.to(tl.float32)  # [BN, BK]
         start += count
-        k0 = w0 * 32
         if BLOCK_M == 1:
-            xv = tl.load(x_ptr + pid_m * stride_xm + k0 + kk, mask=(k0 + kk) < K, other=0.0)
-            acc3 += w * xv.to(tl.float32)[None, :, :]
+            xv = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0)
+            acc2 += w * xv.to(tl.float32)[None, :]
         else:
             for mi in tl.static_range(BLOCK_M):
                 m = pid_m * BLOCK_M + mi
                 k_end = tl.where(m < M, K, 0)  # rows past M read nothing (one compare, no scalar & mask)
-                xv = tl.load(x_ptr + m * stride_xm + k0 + kk, mask=(k0 + kk) < k_end, other=0.0)
-                part = tl.sum(tl.sum(w * xv.to(tl.float32)[None, :, :], axis=2), axis=1)  # [BN]
+                xv = tl.load(x_ptr + m * stride_xm + k, mask=k < k_end, other=0.0)
+                part = tl.sum(w * xv.to(tl.float32)[None, :], axis=1)  # [BN]
                 acc = tl.where(rows_m[:, None] == mi, acc + part[None, :], acc)
     if BLOCK_M == 1:
-        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     offs_m = pid_m * BLOCK_M + rows_m
@@ -118,27 +112,22 @@ def _dot_bitmap_kernel(
     x_ptr, bitmap_ptr, values_ptr, row_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, DENSITY_KEY, M_BUCKET,
     HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Programs that share a weight tile are adjacent (pid_m fastest), so the tile is re-read from L2.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
-    pid_n = pid // num_m
+    pid_n = pid // num_m  # programs sharing a weight tile are adjacent: it is re-read from L2
     pid_m = pid % num_m
-    BLOCK_K: tl.constexpr = BLOCK_W * 32
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    kw = (K + 31) // 32
     start = tl.load(row_ptr + offs_n, mask=offs_n < N, other=0)  # [BN] int64
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for w0 in range(0, kw, BLOCK_W):
-        k0 = w0 * 32
-        x_mask = (offs_m < M)[:, None] & ((k0 + offs_k) < K)[None, :]
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
-        w, count = _expand_bitmap(bitmap_ptr, values_ptr, start, offs_n, w0, N, kw, BLOCK_W)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
+        w, count = _load_bitmap(bitmap_ptr, values_ptr, start, offs_n, k, N, K)  # [BN, BK]
         start += count
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         if IEEE_FP32:
             acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         else:

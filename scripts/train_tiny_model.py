@@ -32,14 +32,14 @@ EOS = "<|endoftext|>"
 
 
 # --------------------------------------------------------------------------------------------- prepare
-def prepare(data_dir: Path, vocab_size: int) -> None:
+def prepare(data_dir: Path, vocab_size: int, max_files: int | None = None) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from sparsedial import corpus
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    splits = {s: corpus.load_split(s) for s in corpus.Split}
+    splits = {s: corpus.load_split(s)[:max_files] for s in corpus.Split}  # max_files: quick test runs only
     train_texts = [f.text for f in splits[corpus.Split.TRAIN]]
 
     tok = Tokenizer(models.BPE())
@@ -131,6 +131,13 @@ def _model_config(cfg: TrainConfig, vocab_size: int, eos_id: int):
     )
 
 
+def _device_name(device: str) -> str:
+    import transformers
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{name}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -212,6 +219,7 @@ def train(data_dir: Path, run_dir: Path, cfg: TrainConfig, minutes: float, devic
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(weights, run_dir / "last.safetensors")
         torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "best_val": best_val,
+                    "device": _device_name(device),
                     "tokens_seen": tokens_seen, "elapsed": elapsed_before + time.time() - t0, "log": log},
                    run_dir / "state.pt.tmp")
         (run_dir / "state.pt.tmp").replace(state_path)  # atomic: an interrupted save never corrupts a run
@@ -288,6 +296,7 @@ def export(data_dir: Path, run_dir: Path, out_dir: Path, dtype: str, max_shard_s
         "best_val_loss": best["val_loss"],
         "log": state["log"],
         "stored_dtype": dtype,
+        "device": state.get("device", "unknown"),
     }
     (out_dir / "training.json").write_text(json.dumps(training, indent=2))
     print(f"exported best step {best['step']} (val loss {best['val_loss']:.4f}) to {out_dir}")
@@ -299,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("prepare")
     pp.add_argument("--data", type=Path, default=Path("data/stdlib-tiny"))
     pp.add_argument("--vocab-size", type=int, default=6144)
+    pp.add_argument("--max-files", type=int, default=None, help="use only the first N files per split (tests)")
     pt = sub.add_parser("train")
     pt.add_argument("--data", type=Path, default=Path("data/stdlib-tiny"))
     pt.add_argument("--run", type=Path, default=Path("runs/stdlib-tiny"))
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--max-shard-size", default="50MB")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.data, args.vocab_size)
+        prepare(args.data, args.vocab_size, args.max_files)
     elif args.cmd == "train":
         cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
         train(args.data, args.run, cfg, args.minutes, args.device, args.save_every)

@@ -67,6 +67,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         texts = load_texts(args.data)
     except FileNotFoundError as e:
         raise SparsedialError(str(e)) from None
+    _warn_if_other_corpus(args.model, args.data)
     ids = token_stream(lm.tokenizer, texts)
     n_bytes = sum(len(t.encode()) for t in texts)
     seq_len = min(args.seq_len, lm.config.max_position_embeddings - 1)
@@ -83,6 +84,20 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     print(f"perplexity {r.perplexity:.3f}  nll {r.nll:.4f}  bits/byte {r.bits_per_byte:.4f}  "
           f"tokens {r.tokens}  window {seq_len}")
     return 0
+
+
+def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
+    """The stdlib splits depend on the Python version; say so when it differs from the model's training."""
+    import json
+
+    from sparsedial import corpus
+
+    info = model_dir / "training.json"
+    if data in ("heldout", "val") and info.is_file():
+        trained = json.loads(info.read_text()).get("corpus", {}).get("python_version")
+        if trained and trained != corpus.python_version():
+            print(f"note: {model_dir.name} was trained on the Python {trained} stdlib; the {data} split here comes "
+                  f"from Python {corpus.python_version()}, so figures differ from its model card", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,72 +130,101 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
+@dataclass
+class WeightSet:
+    """One copy of every weight variant of a shape; several sets rotate so that L2 never serves a call."""
+
+    w: torch.Tensor  # dense [N, K]
+    p24: object
+    torch_24: object | None
+    bitmaps: dict[float, object]
+
+
+def make_sets(n: int, k: int, count: int, dev: str, dtype: torch.dtype) -> tuple[list[WeightSet], dict, str]:
+    """`count` weight sets, plus the masked dense weights of set 0 (for error checks) and a torch-2:4 note."""
+    sets, refs, note = [], {}, ""
+    for i in range(count):
+        w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype)
+        mask24 = random_24_mask(n, k, dev)
+        w24 = torch.where(mask24, w, torch.zeros_like(w))
+        torch_24 = None
+        if dev == "cuda" and not note:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                torch_24 = to_sparse_semi_structured(w24)
+            except Exception as exc:  # noqa: BLE001 -- report any failure as n/a
+                note = f"n/a: {type(exc).__name__}: {exc}"[:120]
+        bitmaps = {}
+        for s in BITMAP_SPARSITIES:
+            mask = torch.rand(n, k, device=dev) >= s
+            bitmaps[s] = pack_bitmap(w, mask)
+            if i == 0:
+                refs[s] = torch.where(mask, w, torch.zeros_like(w))
+        if i == 0:
+            refs["24"] = w24
+        sets.append(WeightSet(w, pack_24(w, mask24), torch_24, bitmaps))
+    return sets, refs, note
+
+
 def bench_shape(
     name: str, n: int, k: int, ms: list[int], cuda: bool, peak: float | None, rep_ms: int, paths: bool
 ) -> list[Row]:
     dev = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32  # CPU fp16 matmul is not a meaningful baseline
     esize = torch.finfo(dtype).bits // 8
-    w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype)
-    mask24 = random_24_mask(n, k, dev)
-    w24 = torch.where(mask24, w, torch.zeros_like(w))
-    p24 = pack_24(w, mask24)
-    bitmaps = {}
-    for s in BITMAP_SPARSITIES:
-        mask = torch.rand(n, k, device=dev) >= s
-        bitmaps[s] = (torch.where(mask, w, torch.zeros_like(w)), pack_bitmap(w, mask))
-    torch_24 = None
-    note_24 = ""
-    if cuda:
-        try:
-            from torch.sparse import to_sparse_semi_structured
-
-            torch_24 = to_sparse_semi_structured(w24)
-        except Exception as exc:  # noqa: BLE001 -- report any failure as n/a
-            note_24 = f"n/a: {type(exc).__name__}: {exc}"[:120]
     dense_bytes = n * k * esize
+    # Rotate through enough sets that the smallest format (bitmap 70%, ~0.37 of dense) spans > 2x L2.
+    count = min(12, max(2, math.ceil(120e6 / (0.37 * dense_bytes)))) if cuda else 1
+    sets, refs, note_24 = make_sets(n, k, count, dev, dtype)
     rows: list[Row] = []
     for m in ms:
-        x = torch.randn(m, k, device=dev).to(dtype)
+        xs = [torch.randn(m, k, device=dev).to(dtype) for _ in sets]
         io_bytes = (m * k + m * n) * esize
 
-        def add(method: str, fn: Callable[[], torch.Tensor] | None, wbytes: int, ref: torch.Tensor | None,
-                note: str = "", gpu_only: bool = False) -> None:
-            if fn is None or (gpu_only and not cuda):
-                rows.append(Row(dev, name, n, k, m, method, None, None, None, None, dense_bytes / wbytes, None,
-                                note or "not measured"))
+        def add(method: str, make: Callable[[WeightSet, torch.Tensor], Callable[[], torch.Tensor]] | None,
+                wbytes: int, ref_w: torch.Tensor | None, note: str = "", gpu_only: bool = False) -> None:
+            base = dict(device=dev, shape=name, n=n, k=k, m=m, method=method, byte_ceiling=dense_bytes / wbytes)
+            if make is None or (gpu_only and not cuda):
+                rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
+                                max_rel_err=None, note=note or "not measured"))
                 return
+            fns = [make(ws, x) for ws, x in zip(sets, xs)]
             try:
-                err = rel_err(fn(), ref) if ref is not None else None
-                us = timer(fn, cuda, rep_ms)
+                err = rel_err(fns[0](), F.linear(xs[0], ref_w)) if ref_w is not None else None
+                us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
             except Exception as exc:  # noqa: BLE001 -- a failing baseline is reported, not fatal
-                rows.append(Row(dev, name, n, k, m, method, None, None, None, None, dense_bytes / wbytes, None,
-                                f"n/a: {type(exc).__name__}: {exc}"[:120]))
+                rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
+                                max_rel_err=None, note=f"n/a: {type(exc).__name__}: {exc}"[:120]))
                 return
             gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9
-            rows.append(Row(dev, name, n, k, m, method, us, gbps, gbps / peak if peak else None, None,
-                            dense_bytes / wbytes, err, note))
+            rows.append(Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None,
+                            speedup_vs_dense=None, max_rel_err=err, note=(note + " " + mode).strip()))
 
-        ref_dense = F.linear(x, w)
-        add("dense F.linear", lambda: F.linear(x, w), dense_bytes, ref_dense)
-        ref24 = F.linear(x, w24)
-        add("torch 2:4 (semi_structured)", (lambda: F.linear(x, torch_24)) if torch_24 is not None else None,
-            p24.nbytes, ref24, note_24, gpu_only=True)
-        add("ours 2:4", lambda: sparse_linear(x, p24), p24.nbytes, ref24, gpu_only=True)
-        add("ours 2:4 reference (unpack+F.linear)", lambda: sparse_linear(x, p24, backend="torch"), p24.nbytes,
-            ref24)
-        if paths and cuda:
-            for path in ("gemv", "dot"):
-                add(f"ours 2:4 [{path}]", lambda path=path: sparse_linear(x, p24, path=path), p24.nbytes, ref24)
-        for s, (ws, pb) in bitmaps.items():
-            refb = F.linear(x, ws)
-            add(f"ours bitmap {int(100 * s)}%", lambda pb=pb: sparse_linear(x, pb), pb.nbytes, refb, gpu_only=True)
+        p24, bms = sets[0].p24, sets[0].bitmaps
+        add("dense F.linear", lambda ws, x: lambda: F.linear(x, ws.w), dense_bytes, sets[0].w)
+        add("torch 2:4 (semi_structured)",
+            (lambda ws, x: lambda: F.linear(x, ws.torch_24)) if sets[0].torch_24 is not None else None,
+            p24.nbytes, refs["24"], note_24, gpu_only=True)
+        add("ours 2:4", lambda ws, x: lambda: sparse_linear(x, ws.p24), p24.nbytes, refs["24"], gpu_only=True)
+        add("ours 2:4 reference (unpack+F.linear)",
+            lambda ws, x: lambda: sparse_linear(x, ws.p24, backend="torch"), p24.nbytes, refs["24"])
+        # The gemv/dot crossover: time both kernels where auto could pick either.
+        compare = paths and cuda and 4 <= m <= 32
+        for path in ("gemv", "dot") if compare else ():
+            add(f"ours 2:4 [{path}]", lambda ws, x, path=path: lambda: sparse_linear(x, ws.p24, path=path),
+                p24.nbytes, refs["24"])
+        for s in BITMAP_SPARSITIES:
+            label = f"ours bitmap {int(100 * s)}%"
+            add(label, lambda ws, x, s=s: lambda: sparse_linear(x, ws.bitmaps[s]), bms[s].nbytes, refs[s],
+                gpu_only=True)
             if not cuda:
-                add(f"ours bitmap {int(100 * s)}% reference", lambda pb=pb: sparse_linear(x, pb), pb.nbytes, refb)
-            if paths and cuda:
-                for path in ("gemv", "dot"):
-                    add(f"ours bitmap {int(100 * s)}% [{path}]",
-                        lambda pb=pb, path=path: sparse_linear(x, pb, path=path), pb.nbytes, refb)
+                add(f"{label} reference", lambda ws, x, s=s: lambda: sparse_linear(x, ws.bitmaps[s]),
+                    bms[s].nbytes, refs[s])
+            for path in ("gemv", "dot") if compare else ():
+                add(f"{label} [{path}]",
+                    lambda ws, x, s=s, path=path: lambda: sparse_linear(x, ws.bitmaps[s], path=path),
+                    bms[s].nbytes, refs[s])
         this_m = [r for r in rows if r.m == m]
         dense_us = this_m[0].us  # "dense F.linear" is added first
         for r in this_m:
@@ -269,8 +298,10 @@ def main() -> None:
     rows: list[Row] = []
     for name, (n, k) in shapes.items():
         rows += bench_shape(name, n, k, ms, cuda, peak, args.rep_ms, args.paths)
-    header = f"# Sparse linear kernels\n\n{machine}\n\n{summary(rows)}"
-    write_outputs(rows, args.out, "gpu" if cuda else "cpu", header)
+        header = f"# Sparse linear kernels\n\n{machine}\n\n{summary(rows)}"
+        write_outputs(rows, args.out, "gpu" if cuda else "cpu", header)  # after each shape: partial runs count
+        if cuda:
+            torch.cuda.empty_cache()
     print(header)
     print(f"wrote {args.out}/bench_kernels_{'gpu' if cuda else 'cpu'}.csv and .md")
 

@@ -1,0 +1,135 @@
+"""The engine's public contract: what the server (and any other caller) sees.
+
+The serving engine (`sparsedial.engine.AsyncEngine`) implements `EngineProtocol`; the server depends only
+on this module, so it can be tested against a fake engine and the real one alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from sparsedial.errors import SparsedialError
+
+from .sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+TierRequest = str | float | None  # "dense" | "2:4" | "<n>%" | float in [0, max] | "auto" | None (= auto)
+
+
+class UnknownTierError(SparsedialError, ValueError):
+    """The requested sparsity is not served by this model. `tiers` lists the valid names."""
+
+    def __init__(self, requested: object, tiers: list[str]) -> None:
+        self.requested, self.tiers = requested, tiers
+        super().__init__(f"unknown sparsity tier {requested!r}; available: {', '.join(tiers)}, auto")
+
+
+class PromptTooLongError(SparsedialError, ValueError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        super().__init__(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's "
+                         f"context of {context} tokens")
+
+
+class EngineOverloadedError(SparsedialError):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: float = 1.0) -> None:
+        self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
+        super().__init__(f"engine overloaded: {waiting} requests waiting (limit {limit}); retry later")
+
+
+class EngineNotReadyError(SparsedialError):
+    """The engine is still loading or has stopped."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds, measured by the engine with a monotonic clock."""
+
+    queue: float = 0.0  # submit -> admitted (prefill starts)
+    ttft: float | None = None  # submit -> first generated token
+    e2e: float = 0.0  # submit -> finished
+    inter_token: tuple[float, ...] = ()  # gaps between consecutive generated tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token_id, text, logprob) of the top alternatives
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. `text` is the newly decodable text (may be '' mid-character)."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """Always the last event of a stream."""
+
+    finish_reason: FinishReason
+    text: str  # the whole generated text (stop strings removed)
+    tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+
+
+StreamEvent = TokenEvent | FinishEvent
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Tier policy. `fixed`: every `auto` request gets `default_tier`. `load`: `ladder` maps load to a tier:
+    each (threshold, tier) pair applies when load >= threshold (load = waiting + running requests, or KV use
+    in [0, 1] when `signal` is "kv"); `hysteresis` is how far load must fall below a threshold to step back."""
+
+    mode: Literal["fixed", "load"] = "fixed"
+    default_tier: str = "dense"
+    ladder: tuple[tuple[float, str], ...] = ()
+    signal: Literal["requests", "kv"] = "requests"
+    hysteresis: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_slots_total: int
+    current_auto_tier: str
+
+
+@runtime_checkable
+class EngineProtocol(Protocol):
+    model_name: str
+    tiers: list[str]  # tier names in order, e.g. ["dense", "30%", ..., "2:4"]
+    max_context: int
+    tokenizer: object  # transformers tokenizer (chat template, counting)
+
+    def resolve_tier(self, requested: TierRequest) -> str | None:
+        """A valid tier name, or None for auto; raises UnknownTierError."""
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, tier: TierRequest = None,
+               request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+        """Queue a request; iterate the result for its events. Raises EngineOverloadedError,
+        PromptTooLongError, UnknownTierError at submit time. Closing the iterator early (aclose, or the
+        consumer task being cancelled) cancels the request and frees its slot at once."""
+
+    def get_policy(self) -> PolicySpec: ...
+
+    def set_policy(self, policy: PolicySpec) -> None:
+        """Change the default tier / policy; requests already admitted keep their tier."""
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,277 @@
+"""The elastic checkpoint: one directory that serves every sparsity tier of a model.
+
+Layout (DESIGN.md section 2, safetensors only, no pickle):
+
+    config.json, tokenizer files, generation_config.json   copied from the base model (HF layout)
+    model.safetensors                                      the dense base weights (HF names)
+    elastic.safetensors                                    per linear `<name>` (e.g. model.layers.0.mlp.up_proj):
+        <name>.drop_level   uint8 [out, in]   the smallest sparsity percent (1..100) at which the weight is
+                                              pruned; 255 = never (the row's top weight)
+        <name>.mask24       uint8 [out, in/4] bit j of byte g set = input 4g+j kept in the 2:4 tier (if any)
+        <name>.lora.<g>.A   [r_g, in]         LoRA group g (fp32 or the base dtype)
+        <name>.lora.<g>.B   [out, r_g]
+        <name>.lora0_off    uint8 []          1 = LoRA group 0 disabled for this block at s <= lora0_off_below
+    elastic.json                                           ElasticSpec below, plus sha256 of every file
+
+Nested masks from a per-row rank r (0 = most important) keep `keep(s) = max(1, int(in * (1 - s)))` weights,
+so the weight is pruned at s exactly when r >= keep(s). Storing the first integer percent at which that
+happens (the drop level) costs one byte per weight and reproduces every integer-percent tier exactly:
+kept at p% <=> drop_level > p.
+
+A tier's merged weight (masked LoRA mode, EPTS):  W_t = (W + sum_{g in tier.lora_groups} B_g A_g) * M_t.
+In unmasked mode the delta runs beside the sparse base at run time: y = x (W * M_t)^T + x A^T B^T.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sparsedial.errors import ModelLoadError
+
+FORMAT_NAME = "sparsedial-elastic"
+FORMAT_VERSION = 1
+NEVER_DROPPED = 255
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TierKind = Literal["dense", "unstructured", "nm"]
+LoraMode = Literal["masked", "unmasked"]
+
+
+def keep_count(in_features: int, sparsity: float) -> int:
+    """Weights kept per row at `sparsity` (DESIGN.md): max(1, int(in * (1 - s)))."""
+    return max(1, int(in_features * (1.0 - sparsity) + 1e-9))
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One named operating point. `sparsity` is the nominal fraction; `schedule` optionally overrides it
+    per decoder block (OWL), each entry an integer percent."""
+
+    name: str  # "dense", "30%", "2:4"
+    kind: TierKind
+    sparsity: float
+    lora_groups: tuple[int, ...] = ()
+    n: int = 0  # N:M tiers only
+    m: int = 0
+    schedule: tuple[int, ...] | None = None
+
+    def block_percent(self, layer: int) -> int:
+        """Integer sparsity percent of decoder block `layer` for unstructured tiers."""
+        if self.schedule is not None:
+            return self.schedule[layer]
+        return round(self.sparsity * 100)
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """LoRA group g covers sparsities in (low, high]; `nm` marks the 2:4 tier's own group."""
+
+    index: int
+    low: float
+    high: float
+    rank: int
+    nm: bool = False
+
+
+@dataclass
+class ElasticSpec:
+    """Everything in elastic.json except the file hashes."""
+
+    tiers: list[TierSpec]
+    groups: list[LoraGroup]
+    linears: list[str]  # full names, e.g. model.layers.0.self_attn.q_proj
+    lora_mode: LoraMode = "masked"
+    lora_scale: float = 1.0
+    lora0_off_below: float = 0.4
+    importance: str = "wanda"
+    method: str = "epts"
+    base_model: str = ""
+    calibration: dict = field(default_factory=dict)
+    compress_config: dict = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def tier(self, name: str) -> TierSpec:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown tier {name!r}; tiers: {', '.join(t.name for t in self.tiers)}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ElasticSpec:
+        d = dict(d)
+        d["tiers"] = [TierSpec(**{**t, "lora_groups": tuple(t.get("lora_groups", ())),
+                                  "schedule": tuple(t["schedule"]) if t.get("schedule") else None})
+                      for t in d["tiers"]]
+        d["groups"] = [LoraGroup(**g) for g in d["groups"]]
+        d.pop("files", None)
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------- mask math
+def drop_levels_from_rank(rank: torch.Tensor) -> torch.Tensor:
+    """rank [out, in] (0 = most important in its row) -> uint8 drop levels (see module doc)."""
+    in_features = rank.shape[1]
+    keeps = torch.tensor([keep_count(in_features, p / 100) for p in range(1, 101)])  # [100], non-increasing
+    # first percent p with keep(p) <= r: count of percents whose keep is still > r, plus one
+    level = (keeps[None, None, :] > rank[..., None].cpu()).sum(-1) + 1  # [out, in] in 1..101
+    level = torch.where(level > 100, torch.full_like(level, NEVER_DROPPED), level)
+    return level.to(torch.uint8).to(rank.device)
+
+
+def rank_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row rank of each weight by descending score (ties broken by column index): [out, in] int64."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank
+
+
+def unstructured_mask(drop_level: torch.Tensor, percent: int) -> torch.Tensor:
+    """Keep mask (bool [out, in]) at an integer sparsity percent."""
+    return drop_level.to(torch.int16) > percent
+
+
+def pack_mask24(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] (in % 4 == 0) -> uint8 [out, in/4], bit j = input 4g+j kept."""
+    out, in_features = mask.shape
+    bits = mask.view(out, in_features // 4, 4).to(torch.uint8)
+    return (bits * torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=mask.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_mask24(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/4] -> bool [out, in]."""
+    bits = (packed[..., None] >> torch.arange(4, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.bool().reshape(packed.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------- file I/O
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_elastic(out_dir: Path, spec: ElasticSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Write elastic.safetensors and elastic.json (base files must already be in `out_dir`)."""
+    out_dir = Path(out_dir)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "elastic.safetensors",
+              metadata={"format": FORMAT_NAME})
+    hashed = sorted(p.name for p in out_dir.iterdir()
+                    if p.is_file() and p.name != "elastic.json" and not p.name.endswith(".md"))
+    doc = spec.to_json()
+    doc["files"] = {name: _sha256(out_dir / name) for name in hashed}
+    (out_dir / "elastic.json").write_text(json.dumps(doc, indent=2))
+
+
+def is_elastic(model_dir: Path) -> bool:
+    return (Path(model_dir) / "elastic.json").is_file()
+
+
+def read_elastic(model_dir: Path, verify_hashes: bool = True) -> tuple[ElasticSpec, dict[str, torch.Tensor]]:
+    """Read and validate elastic.json + elastic.safetensors; raise ModelLoadError naming the first problem."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "elastic.json"
+    if not meta_path.is_file():
+        raise ModelLoadError(f"{model_dir}: not an elastic checkpoint (no elastic.json)")
+    try:
+        doc = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{meta_path}: not valid JSON ({e})") from None
+    if doc.get("format") != FORMAT_NAME:
+        raise ModelLoadError(f"{meta_path}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    if doc.get("version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{meta_path}: format version {doc.get('version')!r} is not supported "
+                             f"(this sparsedial reads version {FORMAT_VERSION})")
+    if verify_hashes:
+        for name, digest in (doc.get("files") or {}).items():
+            path = model_dir / name
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: listed in elastic.json but missing")
+            if _sha256(path) != digest:
+                raise ModelLoadError(f"{path}: sha256 does not match elastic.json (file changed or corrupt)")
+    try:
+        spec = ElasticSpec.from_json(doc)
+    except (TypeError, KeyError) as e:
+        raise ModelLoadError(f"{meta_path}: malformed spec ({e})") from None
+    path = model_dir / "elastic.safetensors"
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+    return spec, tensors
+
+
+def validate_tensors(spec: ElasticSpec, tensors: dict[str, torch.Tensor],
+                     shapes: dict[str, tuple[int, int]], where: Path) -> None:
+    """Check every linear's maps and LoRA factors against the base weight shapes [out, in]."""
+    has_nm = any(t.kind == "nm" for t in spec.tiers)
+    for name in spec.linears:
+        if name not in shapes:
+            raise ModelLoadError(f"{where}: elastic.json names linear {name!r}, which the base model lacks")
+        out, in_features = shapes[name]
+        expect = {f"{name}.drop_level": ((out, in_features), torch.uint8)}
+        if has_nm:
+            expect[f"{name}.mask24"] = ((out, in_features // 4), torch.uint8)
+        for g in spec.groups:
+            expect[f"{name}.lora.{g.index}.A"] = ((g.rank, in_features), None)
+            expect[f"{name}.lora.{g.index}.B"] = ((out, g.rank), None)
+        for key, (shape, dtype) in expect.items():
+            t = tensors.get(key)
+            if t is None:
+                raise ModelLoadError(f"{where}: tensor {key!r} is missing")
+            if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+                raise ModelLoadError(f"{where}: tensor {key!r} is {tuple(t.shape)} {t.dtype}, "
+                                     f"expected {shape}{'' if dtype is None else ' ' + str(dtype)}")
+
+
+# ------------------------------------------------------------------------------------------- tier math
+def tier_mask(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
+              layer: int) -> torch.Tensor | None:
+    """Keep mask of linear `name` (in decoder block `layer`) at `tier`; None for dense."""
+    if tier.kind == "dense":
+        return None
+    if tier.kind == "nm":
+        return unpack_mask24(tensors[f"{name}.mask24"])
+    return unstructured_mask(tensors[f"{name}.drop_level"], tier.block_percent(layer))
+
+
+def tier_delta(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
+               layer: int) -> torch.Tensor | None:
+    """sum_{g in tier.lora_groups} scale * B_g A_g (fp32 [out, in]); None when no group applies."""
+    groups = list(tier.lora_groups)
+    off = tensors.get(f"{name}.lora0_off")
+    if 0 in groups and off is not None and int(off) and tier.sparsity <= spec.lora0_off_below:
+        groups.remove(0)
+    delta = None
+    for g in groups:
+        a, b = tensors[f"{name}.lora.{g}.A"].float(), tensors[f"{name}.lora.{g}.B"].float()
+        delta = b @ a if delta is None else delta + b @ a
+    return None if delta is None else delta * spec.lora_scale
+
+
+def merged_weight(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
+                  layer: int, weight: torch.Tensor) -> torch.Tensor:
+    """The statically merged weight of a tier (masked mode): (W + delta) * M, in W's dtype."""
+    w = weight.float()
+    delta = tier_delta(spec, tier, tensors, name, layer)
+    if delta is not None and spec.lora_mode == "masked":
+        w = w + delta
+    mask = tier_mask(spec, tier, tensors, name, layer)
+    if mask is not None:
+        w = w * mask
+    return w.to(weight.dtype)

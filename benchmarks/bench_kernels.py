@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from sparsedial.kernels import pack_24, pack_bitmap, sparse_linear
 
 SHAPES = {  # name: (N = out features, K = in features)
@@ -184,20 +183,22 @@ def bench_shape(
 
         def add(method: str, make: Callable[[WeightSet, torch.Tensor], Callable[[], torch.Tensor]] | None,
                 wbytes: int, ref_w: torch.Tensor | None, note: str = "", gpu_only: bool = False) -> None:
-            base = dict(device=dev, shape=name, n=n, k=k, m=m, method=method, byte_ceiling=dense_bytes / wbytes)
+            # add() runs inside this loop iteration only, so reading m / xs / io_bytes here is safe.
+            base = {"device": dev, "shape": name, "n": n, "k": k, "m": m,  # noqa: B023
+                    "method": method, "byte_ceiling": dense_bytes / wbytes}
             if make is None or (gpu_only and not cuda):
                 rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
                                 max_rel_err=None, note=note or "not measured"))
                 return
-            fns = [make(ws, x) for ws, x in zip(sets, xs)]
+            fns = [make(ws, x) for ws, x in zip(sets, xs, strict=True)]  # noqa: B023
             try:
-                err = rel_err(fns[0](), F.linear(xs[0], ref_w)) if ref_w is not None else None
+                err = rel_err(fns[0](), F.linear(xs[0], ref_w)) if ref_w is not None else None  # noqa: B023
                 us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
             except Exception as exc:  # noqa: BLE001 -- a failing baseline is reported, not fatal
                 rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
                                 max_rel_err=None, note=f"n/a: {type(exc).__name__}: {exc}"[:120]))
                 return
-            gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9
+            gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9  # noqa: B023
             rows.append(Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None,
                             speedup_vs_dense=None, max_rel_err=err, note=(note + " " + mode).strip()))
 
@@ -244,8 +245,9 @@ def write_outputs(rows: list[Row], out: Path, tag: str, header: str) -> None:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    lines = [header, "", "| shape (N x K) | M | method | us | GB/s | frac peak BW | speedup vs dense | byte ceiling "
-             "| rel err | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("| shape (N x K) | M | method | us | GB/s | frac peak BW | speedup vs dense | byte ceiling "
+               "| rel err | note |")
+    lines = [header, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.shape} | {r.m} | {r.method} | {fmt(r.us, '.1f')} | {fmt(r.gbps, '.0f')} | "

@@ -34,7 +34,7 @@ def sparse_linear(
     path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows).
     """
     if not isinstance(packed, (Packed24, PackedBitmap)):
-        raise ValueError(f"packed must be a Packed24 or PackedBitmap, got {type(packed).__name__}")
+        raise ValueError(f"packed must be a Packed24 or PackedBitmap, got {type(packed).__name__}")  # noqa: TRY004
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)

@@ -1,8 +1,9 @@
 """Packed sparse weight formats: 2:4 semi-structured and bitmap (unstructured).
 
 Both formats store a linear layer's weight ``W: [N, K]`` (N = out features, K = in features) in
-compressed form. Packing is exact: ``unpack(pack(W * mask)) == W * mask`` bit for bit, because values
-are copied, never converted.
+compressed form. Packing is exact: values are copied, never converted, so
+``unpack(pack(W, mask)) == where(mask, W, +0.0)`` bit for bit (and ``== W * mask`` as values; only the
+sign of dropped zeros can differ).
 
 Byte budget per weight (fp16 values; dense fp16 is 2 bytes, see shared/notes/kernels.md):
 
@@ -24,8 +25,8 @@ __all__ = [
     "Packed24",
     "PackedBitmap",
     "pack_24",
-    "unpack_24",
     "pack_bitmap",
+    "unpack_24",
     "unpack_bitmap",
 ]
 

@@ -1,12 +1,14 @@
 """Triton 2:4 sparse linear: y = x @ W.T (+ bias) with W in the ``Packed24`` format.
 
-Load-as-sparse, compute-as-dense: each program reads the compressed values [BLOCK_N, BLOCK_K/2] and
-their 2-bit indices, expands them in registers into a dense [BLOCK_N, BLOCK_K] tile and then
-* ``gemv`` (small M, decode): multiplies by each of up to BLOCK_M rows of x with fp32 FMAs, no padding
-  of M to the 16 rows a tensor-core dot needs;
-* ``dot`` (prefill chunks): runs a dense ``tl.dot`` with fp32 accumulation.
-The torch reference is ``reference.linear_24_reference``. This module imports triton: import it only
-on CUDA or in interpreter mode (``dispatch`` does so lazily).
+Load-as-sparse: each program reads the compressed values [BLOCK_N, BLOCK_K/2] (contiguous) and their
+2-bit indices, and never materializes the dense weight:
+* ``gemv`` (small M, decode): every kept value gathers the x element it multiplies (x is L1-resident)
+  and accumulates with fp32 FMAs; no padding of M to the 16 rows a tensor-core dot needs;
+* ``dot`` (prefill chunks): four dense ``tl.dot`` calls in the compressed K/2 space, one per slot of a
+  group (see the kernel comment), fp32 accumulation.
+Measured on an H100 (docs/benchmarks.md): gemv at M=1 runs at 0.75-0.98x dense cuBLAS; the dot path is
+far slower than dense and is a known gap. The torch reference is ``reference.linear_24_reference``.
+This module imports triton: import it only on CUDA or in interpreter mode (``dispatch`` does so lazily).
 """
 
 from __future__ import annotations
@@ -159,13 +161,13 @@ def linear_24_triton(
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
     if choose_path(path, m) == "gemv":
         block_m = min(next_power_of_2(m), 8)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
         _gemv_24_kernel[grid](
             x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m,
         )
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _dot_24_kernel[grid](
             x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
             min(next_power_of_2(m), 256),

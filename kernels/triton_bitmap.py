@@ -1,12 +1,13 @@
 """Triton unstructured sparse linear: y = x @ W.T (+ bias) with W in the ``PackedBitmap`` format.
 
-Load-as-sparse, compute-as-dense. A program owns BLOCK_N rows and walks K in blocks of BLOCK_W bitmap
-words (32 inputs each). Per block it loads the words [BLOCK_N, BLOCK_W], expands them to bits
-[BLOCK_N, BLOCK_W, 32], ranks each kept bit (prefix count of the bits before it: a cumsum inside the
-word plus a cumsum of the word counts) and gathers the compacted values at
-``row_ptr[n] + (values consumed by earlier blocks) + rank``. Values are stored row-major, so a block's
-gathers touch one contiguous run per row and DRAM reads each value once. The dense tile then feeds
-fp32 FMAs (``gemv``, decode) or a ``tl.dot`` (``dot``, prefill). Reference: ``linear_bitmap_reference``.
+Load-as-sparse, compute-as-dense. A program owns BLOCK_N rows and walks K in blocks of BLOCK_K inputs.
+Per block it reads each input's bitmap bit, ranks the kept bits (an exclusive cumsum along the block)
+and gathers the compacted values at ``row_ptr[n] + (values consumed by earlier blocks) + rank``. Values
+are stored row-major, so a block's gathers touch one contiguous run per row and DRAM reads each value
+once. The dense [BLOCK_N, BLOCK_K] tile then feeds fp32 FMAs (``gemv``, decode) or a ``tl.dot``
+(``dot``, prefill). Measured on an H100 (docs/benchmarks.md) this is still 2-3x slower than dense at
+decode: the per-input bit/rank/gather work, not DRAM, is the bottleneck. Reference:
+``linear_bitmap_reference``.
 """
 
 from __future__ import annotations
@@ -159,10 +160,10 @@ def linear_bitmap_triton(
     args = (x2, packed.bitmap, packed.values, packed.row_ptr, b, y, m, n, k, x2.stride(0), y.stride(0), density_key)
     if choose_path(path, m) == "gemv":
         block_m = min(next_power_of_2(m), 8)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
         _gemv_bitmap_kernel[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=block_m)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _dot_bitmap_kernel[grid](
             *args, min(next_power_of_2(m), 256), HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32
         )

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sparsedial.kernels import Packed24, PackedBitmap, pack_24, pack_bitmap, unpack_24, unpack_bitmap
 
 

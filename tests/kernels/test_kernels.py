@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sparsedial.kernels import (
     Packed24,
     PackedBitmap,
@@ -134,7 +133,7 @@ def test_dispatch_on_cpu_uses_reference(fmt: str) -> None:
 
 
 def test_dispatch_rejects_bad_input() -> None:
-    x, packed, b, _ = make_case("24", 2, 16, 32, torch.float32, True, 0.5, seed=6, device=torch.device("cpu"))
+    x, packed, _b, _ = make_case("24", 2, 16, 32, torch.float32, True, 0.5, seed=6, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"shape \[\.\.\., 32\]"):
         sparse_linear(x[:, :16], packed)
     with pytest.raises(ValueError, match="dtype"):

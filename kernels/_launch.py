@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -12,6 +13,17 @@ KernelPath = Literal["auto", "gemv", "dot"]
 # Largest M served by the GEMV (FMA) kernels under path="auto"; above it the tl.dot kernels run.
 # Chosen from benchmarks/bench_kernels.py on an H100 (docs/benchmarks.md, "Kernels").
 GEMV_MAX_M = 8
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile of one Triton program: BLOCK_M rows of x, BLOCK_N output features, BLOCK_K inputs per step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def interpreter_enabled() -> bool:

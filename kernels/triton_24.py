@@ -1,14 +1,17 @@
 """Triton 2:4 sparse linear: y = x @ W.T (+ bias) with W in the ``Packed24`` format.
 
-Load-as-sparse: each program reads the compressed values [BLOCK_N, BLOCK_K/2] (contiguous) and their
-2-bit indices, and never materializes the dense weight:
-* ``gemv`` (small M, decode): every kept value gathers the x element it multiplies (x is L1-resident)
-  and accumulates with fp32 FMAs; no padding of M to the 16 rows a tensor-core dot needs;
-* ``dot`` (prefill chunks): four dense ``tl.dot`` calls in the compressed K/2 space, one per slot of a
-  group (see the kernel comment), fp32 accumulation.
-Measured on an H100 (docs/benchmarks.md): gemv at M=1 runs at 0.75-0.98x dense cuBLAS; the dot path is
-far slower than dense and is a known gap. The torch reference is ``reference.linear_24_reference``.
-This module imports triton: import it only on CUDA or in interpreter mode (``dispatch`` does so lazily).
+Load-as-sparse, compute-as-dense, in the group domain. A program owns BLOCK_N rows of W and walks K in
+steps of BLOCK_K inputs = G = BLOCK_K / 4 groups. Per step it reads the compressed values as one
+contiguous [BLOCK_N, G, 2] tile (16-byte vector loads) and one 32-bit meta word per 8 groups, and expands
+them in registers into the four dense columns of each group, ``w_c[n, g] = W[n, 4g + c]`` (c = 0..3), with
+selects on the 2-bit indices (pack_24 stores a group's two indices in increasing order, so i0 < i1):
+* ``gemv`` (decode, M <= a few rows): fp32 FMAs; the x tile [G, 4] of each row is loaded once, coalesced,
+  and split into its four columns in registers. All rows of x are handled by one program, so the weight
+  is read from DRAM once;
+* ``dot`` (tensor cores): four ``tl.dot(w_c [BLOCK_N, G], x_c [G, BLOCK_M])`` per step, the same number of
+  tensor-core FLOPs as dense, fp32 accumulation; BLOCK_M >= 16 rows of x (rows past M are masked).
+The torch reference is ``reference.linear_24_reference``. This module imports triton: import it only on
+CUDA or in interpreter mode (``dispatch`` does so lazily).
 """
 
 from __future__ import annotations
@@ -18,94 +21,100 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    KernelConfig,
     KernelPath,
     check_triton_device,
     choose_path,
     flatten_rows,
     interpreter_enabled,
-    next_power_of_2,
 )
-from ._triton_util import autotune_bench
+from ._triton_util import autotune_bench, launch_tiled
 from .formats import Packed24
 from .reference import check_linear_inputs
 
 __all__ = ["linear_24_triton"]
 
-KEY_GEMV = ["N", "K", "BLOCK_M"]
-KEY_DOT = ["N", "K", "M_BUCKET"]  # M rounded up to a power of 2: one tuning per size class
+
+# Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+# num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
+GEMV_SHAPES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 128, 4)]
+DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 256, 4, 2), (16, 64, 256, 4, 2), (64, 64, 128, 4, 3),
+              (64, 128, 128, 8, 3), (128, 128, 128, 8, 3)]
 
 
 def _gemv_configs() -> list[triton.Config]:
-    # The interpreter crashes on multi-config autotune: one small config there.
-    if interpreter_enabled():
+    if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    shapes = [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 8), (8, 1024, 8), (16, 1024, 8)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in shapes]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
-    shapes = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-              (32, 128, 128, 8, 3)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
+        for bm, bn, bk, w, s in DOT_SHAPES
     ]
 
 
 @triton.jit
-def _load_24(values_ptr, meta_ptr, offs_n, j, N, K):
-    """Values [BLOCK_N, BJ] at value indices j (2 per group of 4 inputs) and the input each one multiplies.
-
-    Returns (vals, col): vals zero outside W; col = 4 * (j // 2) + idx, idx read from the 2-bit meta.
-    """
-    mask = (offs_n < N)[:, None] & (j < K // 2)[None, :]
+def _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G: tl.constexpr):
+    """Dense columns of the G groups from input k0 on: four [BLOCK_N, G] tensors w_c[n, g] = W[n, k0 + 4g + c]."""
+    g = k0 // 4 + tl.arange(0, G)
+    mask = (offs_n < N)[:, None] & (g < K // 4)[None, :]
     rows = offs_n.to(tl.int64)[:, None]
-    vals = tl.load(values_ptr + rows * (K // 2) + j[None, :], mask=mask, other=0.0)  # contiguous, vectorized
-    word = tl.load(meta_ptr + rows * ((K // 2 + 15) // 16) + (j // 16)[None, :], mask=mask, other=0)
-    idx = (word >> (2 * (j % 16))[None, :]) & 3
-    return vals, 4 * (j // 2)[None, :] + idx
+    j = k0 // 2 + tl.arange(0, 2 * G)  # value indices of the groups: one contiguous run per row
+    vmask = (offs_n < N)[:, None] & (j < K // 2)[None, :]
+    vals = tl.load(values_ptr + rows * (K // 2) + j[None, :], mask=vmask, other=0.0)  # [BN, 2G], 16 B loads
+    v0, v1 = tl.split(tl.reshape(vals, (vals.shape[0], G, 2)))  # [BN, G]: first / second kept value
+    # Value j = 2g + s has its 2-bit index at bit 2 * (j % 16) of word j // 16: group g is nibble g % 8.
+    word = tl.load(meta_ptr + rows * ((K // 2 + 15) // 16) + (g // 8)[None, :], mask=mask, other=0)
+    nib = word >> (4 * (g % 8))[None, :]
+    i0 = nib & 3
+    i1 = (nib >> 2) & 3
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)  # i0 < i1: column 0 can only hold v0, column 3 only v1
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    return w0, w1, w2, w3
 
 
-@triton.autotune(configs=_gemv_configs(), key=KEY_GEMV, do_bench=autotune_bench)
 @triton.jit
 def _gemv_24_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Sparse side stays compressed: each kept value gathers its x element (x is tiny and L1-resident).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # M == 1: reduce once, after the loop
+    G: tl.constexpr = BLOCK_K // 4
+    # Per-step partial products stay in a [BLOCK_M, BLOCK_N, G] register accumulator, reduced once after
+    # the loop (a reduction per step and row costs more shuffles than the FMAs it serves).
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
+    offs_m = pid_m * BLOCK_M + rows_m
+    c4 = tl.arange(0, 4)
     for k0 in range(0, K, BLOCK_K):
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        vals, col = _load_24(values_ptr, meta_ptr, offs_n, j, N, K)  # [BN, BK/2] each
-        vals = vals.to(tl.float32)
-        if BLOCK_M == 1:
-            xg = tl.load(x_ptr + pid_m * stride_xm + col, mask=col < K, other=0.0)
-            acc2 += vals * xg.to(tl.float32)
-        else:
-            for mi in tl.static_range(BLOCK_M):
-                m = pid_m * BLOCK_M + mi
-                k_end = tl.where(m < M, K, 0)  # rows past M read nothing (one compare, no scalar & mask)
-                xg = tl.load(x_ptr + m * stride_xm + col, mask=col < k_end, other=0.0)
-                part = tl.sum(vals * xg.to(tl.float32), axis=1)  # [BN]
-                acc = tl.where(rows_m[:, None] == mi, acc + part[None, :], acc)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        g = k0 // 4 + tl.arange(0, G)
+        w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
+        # x tile [BLOCK_M, G, 4] of every row, loaded once (coalesced), split into its 4 columns in registers
+        cols = (4 * g)[:, None] + c4[None, :]
+        x_mask = (offs_m < M)[:, None, None] & (cols < K)[None, :, :]
+        xt = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + cols[None, :, :], mask=x_mask, other=0.0)
+        x02, x13 = tl.split(tl.reshape(xt.to(tl.float32), (BLOCK_M, G, 2, 2)))  # column c = 2a + b
+        x0, x2 = tl.split(x02)
+        x1, x3 = tl.split(x13)
+        acc3 += (w0.to(tl.float32)[None, :, :] * x0[:, None, :] + w1.to(tl.float32)[None, :, :] * x1[:, None, :]
+                 + w2.to(tl.float32)[None, :, :] * x2[:, None, :] + w3.to(tl.float32)[None, :, :] * x3[:, None, :])
+    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    offs_m = pid_m * BLOCK_M + rows_m
     y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.autotune(configs=_dot_configs(), key=KEY_DOT, do_bench=autotune_bench)
 @triton.jit
 def _dot_24_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
@@ -113,42 +122,59 @@ def _dot_24_kernel(
     HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # y = sum_c X_c @ W_c.T over the 4 slots c of a group, in the compressed K/2 space:
-    #   W_c[n, j] = vals[n, j] if idx[n, j] == c else 0,   X_c[m, j] = x[m, 4 * (j // 2) + c].
-    # Twice the dense tensor-core work (cheap at these sizes), but every tile stays 2-D and values load
-    # contiguously, with no register reshuffle to expand groups.
+    # acc[n, m] = sum_c w_c[n, :] @ x_c[:, m] with x_c[g, m] = x[m, 4g + c]: dense tensor-core work.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     pid_n = pid // num_m  # programs sharing a weight tile are adjacent: it is re-read from L2
     pid_m = pid % num_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    G: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        vals, col = _load_24(values_ptr, meta_ptr, offs_n, j, N, K)  # [BN, BK/2]
-        idx = col % 4
-        x_row = x_ptr + offs_m[:, None] * stride_xm + (4 * (j // 2))[None, :]  # [BM, BK/2]
-        x_mask = (offs_m < M)[:, None] & (j < K // 2)[None, :]
-        for c in tl.static_range(4):
-            xc = tl.load(x_row + c, mask=x_mask, other=0.0)
-            wc = tl.where(idx == c, vals, 0.0)
-            if IEEE_FP32:
-                acc = tl.dot(xc, tl.trans(wc), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xc, tl.trans(wc), acc)
+        g = k0 // 4 + tl.arange(0, G)
+        w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
+        x_base = x_ptr + offs_m[None, :] * stride_xm + 4 * g[:, None]  # [G, BM]
+        x_mask = (offs_m < M)[None, :] & (g < K // 4)[:, None]
+        x0 = tl.load(x_base, mask=x_mask, other=0.0)
+        x1 = tl.load(x_base + 1, mask=x_mask, other=0.0)
+        x2 = tl.load(x_base + 2, mask=x_mask, other=0.0)
+        x3 = tl.load(x_base + 3, mask=x_mask, other=0.0)
+        if IEEE_FP32:
+            acc = tl.dot(w0, x0, acc, input_precision="ieee")
+            acc = tl.dot(w1, x1, acc, input_precision="ieee")
+            acc = tl.dot(w2, x2, acc, input_precision="ieee")
+            acc = tl.dot(w3, x3, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w0, x0, acc)
+            acc = tl.dot(w1, x1, acc)
+            acc = tl.dot(w2, x2, acc)
+            acc = tl.dot(w3, x3, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    y_mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# Autotuned entry points (one tuning per weight shape and row bucket); the raw kernels take explicit tiles.
+_gemv_24_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
+    _gemv_24_kernel
+)
+_dot_24_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
+    _dot_24_kernel
+)
 
 
 def linear_24_triton(
-    x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None, path: KernelPath = "auto"
+    x: torch.Tensor,
+    packed: Packed24,
+    bias: torch.Tensor | None = None,
+    path: KernelPath = "auto",
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T + bias with the Triton 2:4 kernels. x: [..., K] -> y: [..., N] (dtype of x).
 
-    path: "gemv" (FMA, best for decode), "dot" (tensor cores, prefill) or "auto" (by M).
+    path: "gemv" (FMA, decode), "dot" (tensor cores) or "auto" (by M). config: tile override (benchmarks).
     """
     check_linear_inputs(x, packed, bias)
     check_triton_device(x)
@@ -159,18 +185,7 @@ def linear_24_triton(
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
-    if choose_path(path, m) == "gemv":
-        block_m = min(next_power_of_2(m), 8)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
-        _gemv_24_kernel[grid](
-            x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        )
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _dot_24_kernel[grid](
-            x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0),
-            min(next_power_of_2(m), 256),
-            HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
-        )
+    args = (x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0))
+    launch_tiled(_gemv_24_kernel, _gemv_24_tuned, _dot_24_kernel, _dot_24_tuned, args, choose_path(path, m),
+                 m, n, config, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32)
     return y.reshape(*x.shape[:-1], n)

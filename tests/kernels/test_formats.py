@@ -95,9 +95,28 @@ def test_bitmap_bytes_per_weight() -> None:
     mask = torch.zeros(n, k, dtype=torch.bool)
     mask[:, : k // 2] = True  # exactly 50%
     packed = pack_bitmap(torch.randn(n, k, dtype=torch.float16), mask)
-    # values 1.0 + bitmap 0.125 + row pointers 8 * (n + 1) / (n * k)
-    assert packed.nbytes / (n * k) == pytest.approx(1.125 + 8 * (n + 1) / (n * k))
+    # values 1.0 + bitmap 0.125 + word offsets 2 / 32 + row pointers 8 * (n + 1) / (n * k)
+    assert packed.nbytes / (n * k) == pytest.approx(1.125 + 0.0625 + 8 * (n + 1) / (n * k))
     assert packed.density == 0.5
+
+
+@pytest.mark.parametrize("k", [1, 31, 33, 100, 4096])
+def test_bitmap_word_offsets_count_kept_values_before_each_word(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    mask = torch.rand(5, k, generator=gen) < 0.6
+    packed = pack_bitmap(torch.randn(5, k, generator=gen), mask)
+    padded = torch.nn.functional.pad(mask, (0, (-k) % 32)).reshape(5, -1, 32).sum(dim=-1)
+    expected = padded.cumsum(dim=1) - padded
+    assert packed.word_offsets is not None and packed.word_offsets.dtype == torch.int16
+    assert torch.equal(packed.word_offsets.to(torch.int64) & 0xFFFF, expected)
+
+
+def test_bitmap_word_offsets_wrap_to_unsigned_16_bit() -> None:
+    packed = pack_bitmap(torch.ones(1, 65536))  # offsets up to 65504 > int16 max
+    offsets = packed.word_offsets.to(torch.int64) & 0xFFFF
+    assert offsets[0, -1].item() == 65536 - 32
+    with pytest.raises(ValueError, match="65536"):
+        pack_bitmap(torch.ones(1, 65537))
 
 
 def test_bitmap_rejects_bad_input() -> None:

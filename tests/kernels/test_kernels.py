@@ -162,3 +162,35 @@ def test_gpu_large_shapes(n: int, k: int, dtype: torch.dtype, m: int, fmt: str) 
     y2 = sparse_linear(x, packed, b)
     assert torch.equal(y1, y2)
     assert_matches(y1, ref, dtype)
+
+
+# ---- explicit tiles (the autotune candidates run on the GPU; the interpreter checks the tiling logic) ----
+
+TILES = {  # name: (path, KernelConfig args), M = 5 rows, N = 24, K = 160 (ragged against every BLOCK_K)
+    "gemv_bm8_bk128": ("gemv", (8, 8, 128)),
+    "gemv_bm2_bk256": ("gemv", (2, 4, 256)),
+    "dot_bm16_bn32": ("dot", (16, 32, 128)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["24", "bitmap"])
+@pytest.mark.parametrize("tile", list(TILES), ids=list(TILES))
+def test_explicit_tiles(tile: str, fmt: str, device: torch.device) -> None:
+    from sparsedial.kernels._launch import KernelConfig
+
+    path, (bm, bn, bk) = TILES[tile]
+    x, packed, b, ref = make_case(fmt, 5, 24, 160, torch.float16, True, 0.3, seed=11, device=device)
+    if fmt == "24":
+        from sparsedial.kernels.triton_24 import linear_24_triton as launch
+    else:
+        from sparsedial.kernels.triton_bitmap import linear_bitmap_triton as launch
+    y = launch(x, packed, b, path=path, config=KernelConfig(bm, bn, bk))
+    assert_matches(y, ref, torch.float16)
+
+
+@needs_triton
+def test_bitmap_without_word_offsets(device: torch.device) -> None:
+    x, packed, b, ref = make_case("bitmap", 2, 20, 70, torch.float16, False, 0.5, seed=12, device=device)
+    bare = PackedBitmap(packed.bitmap, packed.values, packed.row_ptr, packed.shape)  # hand-built: no offsets
+    assert_matches(sparse_linear(x, bare, b, backend="triton"), ref, torch.float16)

@@ -133,3 +133,25 @@ class EngineProtocol(Protocol):
         """Change the default tier / policy; requests already admitted keep their tier."""
 
     def stats(self) -> EngineStats: ...
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of a prompt's own tokens under one tier (for loglikelihood evaluation, e.g.
+    lm-eval's `echo` + `logprobs`). `logprobs[0]` is None: the first token has nothing to condition on."""
+
+    tier: str
+    token_ids: tuple[int, ...]
+    texts: tuple[str, ...]  # each token's text, so that the texts concatenate to the prompt
+    logprobs: tuple[TokenLogprob | None, ...]
+
+
+@runtime_checkable
+class SupportsPromptLogprobs(Protocol):
+    """Optional engine capability (added for the server's /v1/completions `echo` + `logprobs`); an engine
+    without it makes the server answer such requests with a 400 saying they are not supported."""
+
+    async def prompt_logprobs(self, prompt: str | list[int], tier: TierRequest = None,
+                              top: int = 0) -> PromptLogprobs:
+        """Score `prompt` (one forward, no generation) with `top` alternatives per position. Raises
+        PromptTooLongError, UnknownTierError, EngineOverloadedError like `submit`."""

@@ -94,6 +94,9 @@ class ElasticSpec:
     importance: str = "wanda"
     method: str = "epts"
     base_model: str = ""
+    base_weights: str = "model.safetensors"
+    """Dense weights, relative to the checkpoint folder; may point at the base model's own file
+    (e.g. ../stdlib-tiny/model.safetensors) so the base is not stored twice. Its sha256 is checked."""
     calibration: dict = field(default_factory=dict)
     compress_config: dict = field(default_factory=dict)
     format: str = FORMAT_NAME
@@ -166,12 +169,17 @@ def _sha256(path: Path) -> str:
 
 
 def write_elastic(out_dir: Path, spec: ElasticSpec, tensors: dict[str, torch.Tensor]) -> None:
-    """Write elastic.safetensors and elastic.json (base files must already be in `out_dir`)."""
+    """Write elastic.safetensors and elastic.json (base files must already be in `out_dir`, or
+    `spec.base_weights` must point at them)."""
     out_dir = Path(out_dir)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "elastic.safetensors",
               metadata={"format": FORMAT_NAME})
     hashed = sorted(p.name for p in out_dir.iterdir()
                     if p.is_file() and p.name != "elastic.json" and not p.name.endswith(".md"))
+    if spec.base_weights not in hashed:
+        if not (out_dir / spec.base_weights).is_file():
+            raise FileNotFoundError(f"base weights {out_dir / spec.base_weights} not found")
+        hashed.append(spec.base_weights)
     doc = spec.to_json()
     doc["files"] = {name: _sha256(out_dir / name) for name in hashed}
     (out_dir / "elastic.json").write_text(json.dumps(doc, indent=2))
@@ -275,3 +283,23 @@ def merged_weight(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Te
     if mask is not None:
         w = w * mask
     return w.to(weight.dtype)
+
+
+def groups_for_sparsity(groups: list[LoraGroup], sparsity: float) -> tuple[int, ...]:
+    """Hierarchical LoRA: an unstructured tier at s uses every unstructured group up to the one whose
+    interval (low, high] holds s; none at s = 0 or above the last group (as the EPTS reference)."""
+    unstructured = sorted((g for g in groups if not g.nm), key=lambda g: g.high)
+    if sparsity <= 0 or not unstructured or sparsity > unstructured[-1].high + 1e-9:
+        return ()
+    out = []
+    for g in unstructured:
+        out.append(g.index)
+        if sparsity <= g.high + 1e-9:
+            break
+    return tuple(out)
+
+
+def groups_for_nm(groups: list[LoraGroup], sparsity: float = 0.5) -> tuple[int, ...]:
+    """The N:M tier: the unstructured groups up to its nominal sparsity, plus its own group."""
+    own = tuple(g.index for g in groups if g.nm)
+    return (groups_for_sparsity(groups, sparsity) + own) if own else ()

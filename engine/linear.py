@@ -1,19 +1,110 @@
 """The one linear class every projection of the decoder goes through.
 
-`ElasticLinear` starts as a plain `y = x @ W.T + b`; the elastic model extends it with tiers (masks,
-LoRA stacks, packed weights) without the decoder changing. Parameter names match `nn.Linear`
-(`weight`, `bias`), so HF state dicts load into it unchanged.
+`ElasticLinear` is a plain `y = x @ W.T + b` until an `ElasticModel` attaches its elastic state: the
+linear's maps (drop levels, 2:4 mask, LoRA stack, see engine/elastic_format.py), a shared `TierContext`
+and a small table of materialized tiers for the active backend. The decoder never changes: which tier a
+row runs at is read from the context (STYLE.md #2), so switching tier changes a key, never modules.
+Parameter names match `nn.Linear` (`weight`, `bias`), so HF state dicts load into it unchanged.
+
+Backends of a materialized tier (`TierWeights`):
+- `torch`: the tier's merged weight `(W + delta) * M` (masked LoRA mode), or the sparse base `W * M` plus a
+  low-rank path `x A^T B^T` (unmasked mode), run with `F.linear`. A dense tier without LoRA shares `W`.
+- `triton`: the same weights packed (`pack_24` for the 2:4 tier, `pack_bitmap` otherwise) and run with
+  `sparsedial.kernels.sparse_linear` (Triton on CUDA; its torch reference elsewhere).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .elastic_format import ElasticSpec, TierSpec, merged_weight, tier_mask
+
+Backend = Literal["torch", "triton"]
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """The tier of each row of one forward, as contiguous row ranges `(tier, start, end)` over dim 0."""
+
+    segments: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def from_rows(cls, tiers: list[str]) -> TierPlan:
+        """One segment per run of equal consecutive tiers (callers sort rows by tier to get few runs)."""
+        segments: list[tuple[str, int, int]] = []
+        for i, t in enumerate(tiers):
+            if segments and segments[-1][0] == t:
+                segments[-1] = (t, segments[-1][1], i + 1)
+            else:
+                segments.append((t, i, i + 1))
+        return cls(tuple(segments))
+
+    @property
+    def tiers(self) -> set[str]:
+        return {t for t, _, _ in self.segments}
+
+
+@dataclass
+class TierContext:
+    """Shared by every ElasticLinear of one model: the default tier and the plan of the current forward
+    (set by the runner around a forward; None = every row at `default`)."""
+
+    default: str = "dense"
+    plan: TierPlan | None = None
+
+
+@dataclass
+class TierWeights:
+    """One materialized tier of one linear. Exactly one of `weight` / `packed` is set."""
+
+    weight: torch.Tensor | None = None  # [out, in], F.linear
+    packed: object | None = None  # kernels.Packed24 | kernels.PackedBitmap
+    lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
+    lora_b: torch.Tensor | None = None  # [out, r]  scale folded in
+    nbytes: int = 0  # bytes owned by this tier (0 when it shares the base weight)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        if self.packed is not None:
+            from sparsedial.kernels import sparse_linear
+
+            y = sparse_linear(x, self.packed, bias)
+        else:
+            y = F.linear(x, self.weight, bias)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)  # low-rank path beside the sparse base
+        return y
+
+
+@dataclass
+class LinearMaps:
+    """The elastic tensors of one linear, keyed as in elastic.safetensors (`<name>.drop_level` ...)."""
+
+    name: str  # e.g. model.layers.0.mlp.up_proj
+    layer: int  # decoder block index
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def lora_groups_of(spec: ElasticSpec, tier: TierSpec, maps: LinearMaps) -> list[int]:
+    """The LoRA groups a tier applies to this linear (elastic_format.tier_delta's selection, lora0_off too)."""
+    groups = list(tier.lora_groups)
+    off = maps.tensors.get(f"{maps.name}.lora0_off")
+    if 0 in groups and off is not None and int(off) and tier.sparsity <= spec.lora0_off_below:
+        groups.remove(0)
+    return groups
+
 
 class ElasticLinear(nn.Module):
-    """A linear projection `[..., in_features] -> [..., out_features]`."""
+    """A linear projection `[..., in_features] -> [..., out_features]` with runtime tiers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -21,9 +112,60 @@ class ElasticLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.maps: LinearMaps | None = None  # None: a plain linear (every tier is the base weight)
+        self.context: TierContext | None = None  # None: plain `x @ W.T + b`
+        self.tiers: dict[str, TierWeights] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        ctx = self.context
+        if ctx is None:
+            return F.linear(x, self.weight, self.bias)
+        plan = ctx.plan
+        if plan is None:
+            return self.apply_tier(x, ctx.default)
+        if len(plan.segments) == 1:
+            return self.apply_tier(x, plan.segments[0][0])
+        # x: [B, ...]; rows grouped by tier, each group one matmul against its tier's weights
+        return torch.cat([self.apply_tier(x[s:e], t) for t, s, e in plan.segments], dim=0)
+
+    def apply_tier(self, x: torch.Tensor, tier: str) -> torch.Tensor:
+        tw = self.tiers.get(tier)
+        if tw is None:
+            raise KeyError(f"tier {tier!r} is not materialized in this linear; "
+                           f"materialized: {', '.join(self.tiers) or 'none'}")
+        return tw.apply(x, self.bias)
+
+    @torch.no_grad()
+    def materialize(self, spec: ElasticSpec, tier: TierSpec, backend: Backend) -> TierWeights:
+        """Build (and store under `tier.name`) this linear's weights for `tier` on `backend`."""
+        maps = self.maps
+        if maps is None or tier.kind == "dense" and not tier.lora_groups:
+            tw = TierWeights(weight=self.weight)  # shares the base weight: no memory
+            self.tiers[tier.name] = tw
+            return tw
+        w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
+        tw = TierWeights(weight=w, nbytes=_nbytes(w))
+        if spec.lora_mode == "unmasked":
+            groups = lora_groups_of(spec, tier, maps)
+            if groups:
+                dt = self.weight.dtype
+                tw.lora_a = torch.cat([maps.tensors[f"{maps.name}.lora.{g}.A"] for g in groups]).to(dt)
+                tw.lora_b = (torch.cat([maps.tensors[f"{maps.name}.lora.{g}.B"] for g in groups], dim=1)
+                             .float() * spec.lora_scale).to(dt)
+                tw.nbytes += _nbytes(tw.lora_a) + _nbytes(tw.lora_b)
+        if backend == "triton":
+            mask = tier_mask(spec, tier, maps.tensors, maps.name, maps.layer)
+            if mask is not None:
+                from sparsedial.kernels import pack_24, pack_bitmap
+
+                packed = pack_24(w, mask) if tier.kind == "nm" else pack_bitmap(w, mask)
+                tw.weight, tw.packed = None, packed
+                tw.nbytes += packed.nbytes - _nbytes(w)
+        self.tiers[tier.name] = tw
+        return tw
+
+    def drop_tier(self, name: str) -> None:
+        self.tiers.pop(name, None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,7 +1,8 @@
 """Sampling parameters and next-token selection.
 
 Greedy (temperature 0) is an exact argmax. Sampled decoding uses one `torch.Generator` per request, seeded
-from `seed`, so a seeded request reproduces whatever else is in its batch.
+from `seed`, so a seeded request reproduces whatever else is in its batch. `TextStream` turns a request's
+tokens into streamed text with stop strings; `top_logprobs` gives the logprobs of chosen tokens.
 """
 
 from __future__ import annotations
@@ -84,3 +85,89 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """Next token of each row of logits [B, V]: one argmax for all greedy rows, a seeded draw for the rest."""
+    argmax = torch.argmax(logits, dim=-1).tolist()  # [B]
+    return [argmax[i] if p.greedy else select_token(logits[i], p, generators[i]) for i, p in enumerate(params)]
+
+
+def top_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Log-probability (of the model's own distribution, before temperature/top-k/top-p) of each row's
+    chosen token, and its `k` most likely alternatives. logits: [B, V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = logp[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+    if k == 0:
+        return [(c, []) for c in chosen]
+    vals, idx = torch.topk(logp, k, dim=-1)  # [B, k]
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, idx.tolist(), vals.tolist())]
+
+
+class TextStream:
+    """The text of one request, built token by token.
+
+    Detokenizes incrementally (a window of the last tokens decoded with a few tokens of context, so
+    multi-byte characters split across tokens and leading spaces come out right), finds stop strings
+    even when they span several tokens, and holds back a tail of text that could be the start of a stop
+    string, so streamed pieces never contain part of one. `text` is cut before the first stop string.
+    """
+
+    CONTEXT_TOKENS = 5  # prompt tokens decoded as context for the first output tokens
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        # the Rust tokenizer directly when there is one: transformers' decode() wrapper costs ~4x more per call
+        fast = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else fast
+        self._ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self._prefix = 0  # window start: tokens [prefix, read) are already in the text
+        self._read = len(self._ids)
+        self.stop = stop
+        self._max_stop = max((len(s) for s in stop), default=0)
+        self.text = ""
+        self.emitted = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the newly emittable text (may be '')."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # \ufffd: an incomplete character
+            old_len = len(self.text)
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+            if self.stop:
+                self._find_stop(old_len)
+        return self._emit(final=self.stopped)
+
+    def _find_stop(self, old_len: int) -> None:
+        start = max(0, old_len - self._max_stop + 1)  # a stop string may begin in earlier text
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        for n in range(min(self._max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, final: bool) -> str:
+        end = len(self.text) if final or not self.stop else len(self.text) - self._held_back()
+        piece = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        """Everything not yet emitted (call when the request finishes)."""
+        return self._emit(final=True)

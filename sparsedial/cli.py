@@ -34,24 +34,27 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sparsedial.engine.generate import generate
-    from sparsedial.engine.loader import load_model
+    from sparsedial.engine.runner import EngineConfig, EngineCore
     from sparsedial.engine.sampling import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+        # one request: one KV slot, and only the tier asked for is materialized (on first use)
+        config = EngineConfig(model=args.model, dtype=args.dtype, device=_device(args.device), max_batch=1,
+                              resident_tiers=())
     except ValueError as e:
         raise SparsedialError(str(e)) from None
-    lm = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    core = EngineCore(config.load_model(), config)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     try:
-        (c,) = generate(lm.model, lm.tokenizer, [prompt], params)
-    except ValueError as e:
+        (g,) = core.generate([prompt], params, args.sparsity)
+    except ValueError as e:  # unknown tier, prompt too long, empty prompt
         raise SparsedialError(str(e)) from None
-    sys.stdout.write(prompt + c.text + "\n")
-    print(f"[{len(c.prompt_tokens)} prompt tokens, {len(c.tokens)} generated, finish: {c.finish_reason}]",
-          file=sys.stderr)
+    f = g.finish
+    sys.stdout.write(prompt + f.text + "\n")
+    print(f"[{f.prompt_tokens} prompt tokens, {f.completion_tokens} generated, finish: {f.finish_reason}, "
+          f"tier: {f.tier}]", file=sys.stderr)
     return 0
 
 
@@ -100,6 +103,47 @@ def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
                   f"from Python {corpus.python_version()}, so figures differ from its model card", file=sys.stderr)
 
 
+SERVE_OPTIONS = ("host", "port", "model", "served_model_name", "device", "dtype", "backend", "default_tier",
+                 "max_running", "max_waiting", "log_level")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the HTTP API; options left out come from SPARSEDIAL_* env vars, then ServerSettings' defaults."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from sparsedial.server import ServerSettings, create_app
+
+    overrides = {k: getattr(args, k) for k in SERVE_OPTIONS if getattr(args, k) is not None}
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as e:
+        raise SparsedialError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    if not settings.model.is_dir():
+        raise SparsedialError(f"model directory not found: {settings.model}")
+    print(f"sparsedial: serving {settings.model} on http://{settings.host}:{settings.port} "
+          f"(admin routes {'on' if settings.admin_token else 'off: set SPARSEDIAL_ADMIN_TOKEN'})", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible + /generate); defaults: "
+                                     "the embedded model on 127.0.0.1:8000")
+    s.add_argument("--host", help="interface to bind (env SPARSEDIAL_HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="TCP port (env SPARSEDIAL_PORT; default 8000)")
+    s.add_argument("--model", type=Path, help="model directory (default: the embedded elastic model)")
+    s.add_argument("--served-model-name", help="model id in the API (default: the model directory's name)")
+    s.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    s.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
+    s.add_argument("--backend", help="auto, torch or triton")
+    s.add_argument("--default-tier", help="initial default tier for `auto` requests")
+    s.add_argument("--max-running", type=int, help="requests decoded at once (KV slots)")
+    s.add_argument("--max-waiting", type=int, help="waiting-queue bound before 429")
+    s.add_argument("--log-level", help="uvicorn log level")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparsedial import __version__
 
@@ -117,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 disables")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--sparsity", default="auto",
+                   help="tier: dense, 2:4, <n>%%, a fraction in [0, max], or auto (default; plain models: dense)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval-ppl", help="held-out perplexity of a model")
@@ -128,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["sparsedial", "transformers"], default="sparsedial",
                    help="whose implementation computes the logits (transformers = reference check)")
     e.set_defaults(func=cmd_eval_ppl)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,307 @@
+"""ElasticModel: one loaded elastic checkpoint serving every tier, with resident and on-demand tiers.
+
+Loading (STYLE.md #3, producer and consumer are separate phases): the dense base through
+`loader.load_model`, the elastic tensors through `read_elastic` + `validate_tensors`; each `ElasticLinear`
+then gets its maps and a shared `TierContext`, and the resident tiers are materialized for the backend.
+A plain HF directory loads too and serves only "dense".
+
+Tier requests (`resolve`): a tier name of the spec, "<n>%" or a float in [0, max unstructured sparsity].
+Numbers snap to the nearest integer percent; a percent the spec does not list is materialized on demand
+from the drop levels (every integer percent is exact, see elastic_format), with the LoRA groups of
+`elastic_format.groups_for_sparsity` (nested: tier s in group k uses groups 0..k).
+Non-resident tiers live in an LRU cache bounded by a count and by the memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from sparsedial.errors import ModelLoadError
+
+from .api import UnknownTierError
+from .elastic_format import (
+    LINEAR_NAMES,
+    NEVER_DROPPED,
+    ElasticSpec,
+    LoraGroup,
+    TierSpec,
+    groups_for_sparsity,
+    is_elastic,
+    keep_count,
+    pack_mask24,
+    rank_from_scores,
+    read_elastic,
+    validate_tensors,
+    write_elastic,
+)
+from .linear import Backend, ElasticLinear, LinearMaps, TierContext, TierPlan
+from .loader import DType, LoadedModel, load_model
+
+BackendChoice = Literal["auto", "torch", "triton"]
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def choose_backend(requested: BackendChoice, device: torch.device) -> Backend:
+    """`auto`: triton on CUDA when triton imports, torch otherwise. `triton` needs CUDA."""
+    if requested not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be auto, torch or triton, got {requested!r}")
+    if requested == "triton" and device.type != "cuda":
+        raise ValueError(f"backend 'triton' needs a CUDA device, got device {device}")
+    if requested == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return requested
+
+
+class ElasticModel:
+    """A Transformer whose ElasticLinears serve the tiers of `spec`; see the module docstring."""
+
+    def __init__(self, lm: LoadedModel, spec: ElasticSpec, tensors: dict[str, torch.Tensor], backend: Backend,
+                 resident: Iterable[str] | None = None, memory_budget: int | None = None,
+                 cache_tiers: int = 4) -> None:
+        self.lm, self.model, self.tokenizer, self.config = lm, lm.model, lm.tokenizer, lm.config
+        self.spec, self.backend = spec, backend
+        self.memory_budget, self.cache_tiers = memory_budget, cache_tiers
+        self.context = TierContext(default=spec.tiers[0].name)
+        self._specs: dict[str, TierSpec] = {t.name: t for t in spec.tiers}
+        self._linears: list[ElasticLinear] = []
+        self._attach(tensors)
+        self.tier_bytes: dict[str, int] = {}  # materialized tier -> bytes it owns
+        self._resident: list[str] = []
+        self._cache: OrderedDict[str, None] = OrderedDict()  # non-resident tiers, least recently used first
+        for name in (self.tiers if resident is None else list(resident)):
+            self.add_resident(name)
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: DType | torch.dtype = "auto", device: str | torch.device = "cpu",
+             backend: BackendChoice = "auto", resident: Iterable[str] | None = None,
+             memory_budget: int | None = None, cache_tiers: int = 4) -> ElasticModel:
+        """Load an elastic checkpoint (or a plain HF model, served as "dense" only)."""
+        path, device = Path(path), torch.device(device)
+        lm = load_model(path, dtype=dtype, device=device)
+        if not is_elastic(path):
+            spec = ElasticSpec(tiers=[TierSpec("dense", "dense", 0.0)], groups=[], linears=[])
+            return cls(lm, spec, {}, choose_backend(backend, device), resident, memory_budget, cache_tiers)
+        spec, tensors = read_elastic(path)
+        shapes = {n: tuple(m.weight.shape) for n, m in lm.model.named_modules() if isinstance(m, ElasticLinear)}
+        validate_tensors(spec, tensors, shapes, path / "elastic.safetensors")
+        if not spec.tiers:
+            raise ModelLoadError(f"{path / 'elastic.json'}: the spec lists no tiers")
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        return cls(lm, spec, tensors, choose_backend(backend, device), resident, memory_budget, cache_tiers)
+
+    def _attach(self, tensors: dict[str, torch.Tensor]) -> None:
+        listed = set(self.spec.linears)
+        for name, mod in self.model.named_modules():
+            if not isinstance(mod, ElasticLinear):
+                continue
+            mod.context = self.context
+            if name in listed:
+                m = _LAYER.match(name)
+                prefix = name + "."
+                mod.maps = LinearMaps(name, int(m.group(1)) if m else 0,
+                                      {k: v for k, v in tensors.items() if k.startswith(prefix)})
+            self._linears.append(mod)
+
+    # ----------------------------------------------------------------------------------------- tiers
+    @property
+    def tiers(self) -> list[str]:
+        """The spec's tier names, in order."""
+        return [t.name for t in self.spec.tiers]
+
+    @property
+    def max_sparsity(self) -> float:
+        """Largest unstructured sparsity served (0 when there is none)."""
+        return max((t.sparsity for t in self.spec.tiers if t.kind == "unstructured"), default=0.0)
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    @property
+    def default_tier(self) -> str:
+        return self.context.default
+
+    def tier_spec(self, name: str) -> TierSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownTierError(name, self.tiers) from None
+
+    def resolve(self, requested: object) -> str | None:
+        """A tier name for `requested`, or None for auto; raises UnknownTierError (see module doc)."""
+        if requested is None or requested == "auto":
+            return None
+        if isinstance(requested, str) and requested.strip() in self._specs:
+            return requested.strip()
+        value = _as_fraction(requested)
+        if value is None or not 0.0 <= value <= self.max_sparsity + 1e-9:
+            raise UnknownTierError(requested, self.tiers)
+        percent = round(value * 100)
+        if percent == 0:
+            if "dense" not in self._specs:
+                raise UnknownTierError(requested, self.tiers)
+            return "dense"
+        name = f"{percent}%"
+        if name not in self._specs:
+            self._specs[name] = self._percent_tier(percent)
+        return name
+
+    def _percent_tier(self, percent: int) -> TierSpec:
+        s = percent / 100
+        return TierSpec(f"{percent}%", "unstructured", s, lora_groups=groups_for_sparsity(self.spec.groups, s))
+
+    def set_default_tier(self, name: str) -> None:
+        """Make `name` the tier of rows without a plan: a pointer change when it is resident."""
+        self.tier_spec(name)
+        self.ensure([name])
+        self.context.default = name
+
+    def add_resident(self, name: str) -> None:
+        """Materialize `name` and keep it (never evicted); raises ValueError when over the memory budget."""
+        spec = self.tier_spec(name)
+        if name in self._resident:
+            return
+        self._cache.pop(name, None)
+        if name not in self.tier_bytes:
+            self._materialize(spec)
+        self._resident.append(name)
+        if self.memory_budget is not None and self.memory_used > self.memory_budget:
+            used = self.memory_used
+            self.drop_tier(name)
+            raise ValueError(f"resident tier {name!r} does not fit the memory budget: {used} bytes of tiers > "
+                             f"budget {self.memory_budget} bytes")
+
+    def ensure(self, names: Iterable[str]) -> None:
+        """Materialize the tiers a step needs (LRU cache for non-resident ones), evicting unneeded ones."""
+        needed = set(names)
+        for name in needed:
+            if name in self._resident:
+                continue
+            if name in self._cache:
+                self._cache.move_to_end(name)
+            else:
+                self._materialize(self.tier_spec(name))
+                self._cache[name] = None
+        for name in list(self._cache):
+            over = len(self._cache) > self.cache_tiers or (
+                self.memory_budget is not None and self.memory_used > self.memory_budget)
+            if not over:
+                break
+            if name not in needed and name != self.context.default:
+                self.drop_tier(name)
+
+    def _materialize(self, spec: TierSpec) -> None:
+        self.tier_bytes[spec.name] = sum(lin.materialize(self.spec, spec, self.backend).nbytes
+                                         for lin in self._linears)
+
+    def drop_tier(self, name: str) -> None:
+        for lin in self._linears:
+            lin.drop_tier(name)
+        self.tier_bytes.pop(name, None)
+        self._cache.pop(name, None)
+        if name in self._resident:
+            self._resident.remove(name)
+
+    @property
+    def materialized(self) -> list[str]:
+        return list(self.tier_bytes)
+
+    @property
+    def memory_used(self) -> int:
+        """Bytes held by materialized tiers beyond the base weights."""
+        return sum(self.tier_bytes.values())
+
+    @contextmanager
+    def plan(self, plan: TierPlan | None) -> Iterator[None]:
+        """Run the forwards inside with this per-row tier plan (its tiers materialized if needed)."""
+        if plan is not None:
+            self.ensure(plan.tiers)
+        self.context.plan = plan
+        try:
+            yield
+        finally:
+            self.context.plan = None
+
+
+def _as_fraction(requested: object) -> float | None:
+    """"45%" -> 0.45, "0.45" / 0.45 -> 0.45; None when not a finite number."""
+    if isinstance(requested, bool):
+        return None
+    if isinstance(requested, (int, float)):
+        value = float(requested)
+    elif isinstance(requested, str):
+        text = requested.strip()
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            return None
+    else:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------- synthetic checkpoints
+DEFAULT_TIERS = (("dense", 0.0), ("30%", 0.3), ("40%", 0.4), ("50%", 0.5), ("60%", 0.6), ("70%", 0.7))
+
+
+def fast_drop_levels(rank: torch.Tensor) -> torch.Tensor:
+    """elastic_format.drop_levels_from_rank without its [out, in, 100] intermediate (same result)."""
+    keeps = torch.tensor([keep_count(rank.shape[1], p / 100) for p in range(100, 0, -1)])  # ascending
+    level = 101 - torch.searchsorted(keeps, rank.contiguous(), right=True)  # 1 + #percents with keep > r
+    return torch.where(level > 100, NEVER_DROPPED, level).to(torch.uint8)
+
+
+def write_synthetic_elastic(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, lora_rank: int = 4,
+                            lora_mode: Literal["masked", "unmasked"] = "masked", lora_std: float = 0.05,
+                            with_24: bool = True) -> Path:
+    """A random-but-valid elastic checkpoint next to a copy of `base_dir`: random scores -> ranks -> drop
+    levels, random 2:4 masks, random LoRA groups. For tests and benchmarks only (not a compressed model)."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in base_dir.iterdir():
+        if f.is_file() and f.name not in ("elastic.json", "elastic.safetensors"):
+            shutil.copy(f, out_dir / f.name)
+    lm = load_model(out_dir, dtype=torch.float32, with_tokenizer=False)
+    groups = [LoraGroup(0, 0.0, 0.4, lora_rank), LoraGroup(1, 0.4, 0.7, lora_rank)]
+    tiers = [TierSpec(n, "dense" if s == 0 else "unstructured", s,
+                      lora_groups=() if s == 0 else ((0,) if s <= 0.4 else (0, 1))) for n, s in DEFAULT_TIERS]
+    if with_24:
+        groups.append(LoraGroup(2, 0.5, 0.5, lora_rank, nm=True))
+        tiers.append(TierSpec("2:4", "nm", 0.5, lora_groups=(2,), n=2, m=4))
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    linears = [f"model.layers.{i}.{n}" for i in range(lm.config.num_hidden_layers) for n in LINEAR_NAMES]
+    weights = dict(lm.model.named_parameters())
+    for i, name in enumerate(linears):
+        w = weights[f"{name}.weight"]
+        out_f, in_f = w.shape
+        # magnitude with random jitter: valid nested masks that keep the model usable (not a pruning method)
+        scores = w.abs() * (0.5 + torch.rand(out_f, in_f, generator=g))
+        tensors[f"{name}.drop_level"] = fast_drop_levels(rank_from_scores(scores))
+        if with_24:
+            keep = scores.view(out_f, in_f // 4, 4).argsort(-1, descending=True).argsort(-1) < 2  # 2 of every 4
+            tensors[f"{name}.mask24"] = pack_mask24(keep.reshape(out_f, in_f))
+        for grp in groups:
+            tensors[f"{name}.lora.{grp.index}.A"] = torch.randn(grp.rank, in_f, generator=g) * lora_std
+            tensors[f"{name}.lora.{grp.index}.B"] = torch.randn(out_f, grp.rank, generator=g) * lora_std
+        tensors[f"{name}.lora0_off"] = torch.tensor(i % 3 == 0, dtype=torch.uint8)  # some blocks opt out
+    spec = ElasticSpec(tiers=tiers, groups=groups, linears=linears, lora_mode=lora_mode, importance="random",
+                       method="synthetic", base_model=str(base_dir))
+    write_elastic(out_dir, spec, tensors)
+    return out_dir

@@ -1,0 +1,348 @@
+"""The model side of a step (`ModelRunner.run`) and the synchronous engine loop (`EngineCore`).
+
+`EngineCore.step()` is the serving loop of STYLE.md #5: `schedule()` (scheduler.py, under the lock) ->
+`run()` (the model forwards, outside the lock) -> `postprocess()` (sampling results become tokens, text,
+events, finished requests; under the lock). AsyncEngine runs `step()` in a background thread; the CLI,
+tests and benchmarks call it directly.
+
+A step runs at most two forwards: the decode rows ([B, 1]) and the prefill rows (right-padded to
+[B, T]). Rows are sorted by tier, and the per-row tiers reach the ElasticLinears as a `TierPlan`, so a
+batch mixes tiers while the decoder knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .api import (
+    EngineStats,
+    FinishEvent,
+    FinishReason,
+    PolicySpec,
+    PromptTooLongError,
+    StreamEvent,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+)
+from .elastic import ElasticModel
+from .linear import TierPlan
+from .policy import TierPolicy
+from .sampling import SamplingParams, TextStream, sample_rows, top_logprobs
+from .scheduler import ScheduledRow, Scheduler, SchedulerConfig, SchedulerOutput, SeqStatus, Sequence
+
+Sink = Callable[[StreamEvent], None]
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-tiny"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one serving engine: the one source of defaults (server settings and the CLI read them)."""
+
+    model: Path = EMBEDDED_MODEL
+    """Model directory: an elastic checkpoint, or a plain HF model (served at "dense" only)."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Sparse backend: triton on CUDA when available, torch (merged masked weights) otherwise."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight/activation dtype; auto = float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    max_batch: int = 16
+    """KV cache slots = most requests running at once (one decode row each per step)."""
+    max_seq_len: int | None = None
+    """Context length per slot (prompt + generated tokens); None = the model's max_position_embeddings."""
+    max_waiting: int = 256
+    """Bound of the waiting queue; submit beyond it raises EngineOverloadedError."""
+    prefill_chunk: int = 256
+    """Most prompt tokens of one request computed per step (longer prompts prefill in chunks)."""
+    max_step_tokens: int = 1024
+    """Token budget of one step: decode rows count one each, prefill chunks the rest; >= max_batch."""
+    resident_tiers: tuple[str, ...] | None = None
+    """Tiers materialized at load and never evicted; None = every tier the checkpoint lists."""
+    memory_budget_mb: float | None = None
+    """Bound on memory held by materialized tiers beyond the base weights (MiB); None = no bound."""
+    cache_tiers: int = 4
+    """How many non-resident tiers (materialized on first use) are kept, least recently used evicted."""
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    """How `auto` requests get their tier (fixed default, or load ladder with hysteresis)."""
+    model_name: str | None = None
+    """Name the model is served under; None = the model directory's name."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Path(self.model))
+        for name in ("max_batch", "max_step_tokens", "prefill_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_step_tokens < self.max_batch:
+            raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_batch ({self.max_batch})")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2 or None, got {self.max_seq_len!r}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting!r}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
+            raise ValueError(f"memory_budget_mb must be >= 0 or None, got {self.memory_budget_mb!r}")
+        if self.cache_tiers < 0:
+            raise ValueError(f"cache_tiers must be >= 0, got {self.cache_tiers!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.resident_tiers is not None:
+            object.__setattr__(self, "resident_tiers", tuple(self.resident_tiers))
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load_model(self) -> ElasticModel:
+        """Load the model these settings name (the resident tiers materialized)."""
+        budget = None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
+        return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(), backend=self.backend,
+                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers)
+
+
+class ModelRunner:
+    """Turns a SchedulerOutput into model forwards over the static per-slot KV cache."""
+
+    def __init__(self, em: ElasticModel, num_slots: int, max_seq_len: int, prefill_chunk: int) -> None:
+        self.em = em
+        self.device = em.model.model.embed_tokens.weight.device
+        # headroom: right-padded prefill rows write up to prefill_chunk - 1 positions past their end
+        em.model.setup_cache(num_slots, max_seq_len + prefill_chunk)
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> tuple[list[ScheduledRow], torch.Tensor]:
+        """Compute every row; return the rows that sample and their last-position logits [N, V] (fp32)."""
+        rows: list[ScheduledRow] = []
+        logits: list[torch.Tensor] = []
+        self.em.ensure({r.seq.tier for r in out.rows})
+        for group in (out.decode_rows, out.prefill_rows):
+            if group:
+                done, lg = self._forward(group)
+                keep = [i for i, r in enumerate(done) if r.sample]
+                rows += [done[i] for i in keep]
+                logits.append(lg[keep].float())
+        if not logits:
+            return [], torch.empty(0)
+        return rows, torch.cat(logits)
+
+    def _forward(self, rows: list[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
+        rows = sorted(rows, key=lambda r: r.seq.tier)  # stable: rows of a tier contiguous
+        T = max(r.length for r in rows)
+        tokens = torch.tensor([r.token_ids + [0] * (T - r.length) for r in rows], device=self.device)  # [B, T]
+        start = torch.tensor([r.start for r in rows], device=self.device)
+        positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]; padding continues on
+        slots = torch.tensor([r.seq.slot for r in rows], device=self.device)  # [B]
+        last = torch.tensor([r.length - 1 for r in rows], device=self.device)  # [B]
+        with self.em.plan(TierPlan.from_rows([r.seq.tier for r in rows])):
+            return rows, self.em.model(tokens, positions, slots, logit_index=last)  # [B, V]
+
+
+@dataclass(eq=False)
+class RequestState:
+    """The engine's per-request state (Sequence.data)."""
+
+    params: SamplingParams
+    sink: Sink
+    text: TextStream
+    generator: torch.Generator | None
+    submitted: float
+    admitted: float | None = None
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+class EngineCore:
+    """Synchronous engine: add requests, call `step()` until `has_work` is False. Thread-safe add/abort."""
+
+    def __init__(self, em: ElasticModel, config: EngineConfig) -> None:
+        self.em, self.config, self.tokenizer = em, config, em.tokenizer
+        self.max_context = min(config.max_seq_len or em.config.max_position_embeddings,
+                               em.config.max_position_embeddings)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch, config.max_waiting, config.prefill_chunk,
+                                                   config.max_step_tokens))
+        self.runner = ModelRunner(em, config.max_batch, self.max_context, config.prefill_chunk)
+        self.policy = TierPolicy(config.policy, em.resolve)
+        self.eos = set(em.config.eos_token_ids)
+        self.lock = threading.RLock()
+        self._ids = itertools.count()
+
+    # ----------------------------------------------------------------------------------------- requests
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return [int(t) for t in prompt]
+
+    def add(self, prompt: str | list[int], params: SamplingParams, tier: object, sink: Sink,
+            request_id: str | None = None) -> str:
+        """Queue a request; its events go to `sink` (from the stepping thread). Raises PromptTooLongError,
+        UnknownTierError, EngineOverloadedError, ValueError (empty prompt, duplicate id)."""
+        ids = self.encode(prompt)
+        name = self.em.resolve(tier)
+        if len(ids) + params.max_tokens > self.max_context:
+            raise PromptTooLongError(len(ids), params.max_tokens, self.max_context)
+        now = time.monotonic()
+        rid = request_id or f"req-{next(self._ids)}"
+        state = RequestState(params, sink, TextStream(self.tokenizer, ids, params.stop),
+                             params.make_generator(self.runner.device), now)
+        seq = Sequence(rid, ids, tier=name, data=state)
+        with self.lock:
+            self.scheduler.add(seq)
+            if params.max_tokens == 0:
+                seq.tier = seq.tier or self.policy.tier
+                self._finish(seq, "length")
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request now (its slot is free on return); it gets a 'cancelled' FinishEvent."""
+        with self.lock:
+            seq = self.scheduler.get(request_id)
+            if seq is None:
+                return False
+            seq.tier = seq.tier or self.policy.tier
+            self._finish(seq, "cancelled")
+            return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def step(self) -> int:
+        """One schedule -> run -> postprocess iteration; returns the number of rows computed."""
+        with self.lock:
+            out = self.schedule()
+        if out.empty:
+            return 0
+        try:
+            rows, logits = self.runner.run(out)
+        except Exception as e:  # a failing forward fails its requests, not the engine
+            with self.lock:
+                for row in out.rows:
+                    if row.seq.status is SeqStatus.RUNNING:
+                        self._finish(row.seq, "error", error=f"{type(e).__name__}: {e}")
+            return len(out.rows)
+        with self.lock:
+            self.postprocess(out, rows, logits)
+        return len(out.rows)
+
+    def schedule(self) -> SchedulerOutput:
+        out = self.scheduler.schedule(self.policy.update(self.load()))
+        now = time.monotonic()
+        for seq in out.admitted:
+            seq.data.admitted = now
+        return out
+
+    def load(self) -> float:
+        s = self.scheduler
+        if self.policy.spec.signal == "kv":
+            return s.slots.used / s.slots.total
+        return len(s.waiting) + len(s.running)
+
+    def postprocess(self, out: SchedulerOutput, rows: list[ScheduledRow], logits: torch.Tensor) -> None:
+        self.scheduler.advance(out)
+        live = [i for i, r in enumerate(rows) if r.seq.status is SeqStatus.RUNNING]  # not aborted meanwhile
+        if not live:
+            return
+        rows, logits = [rows[i] for i in live], logits[live]
+        states: list[RequestState] = [r.seq.data for r in rows]
+        tokens = sample_rows(logits, [s.params for s in states], [s.generator for s in states])
+        want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        lps = {}
+        if want:
+            k = max(states[i].params.logprobs for i in want)
+            found = top_logprobs(logits[want], [tokens[i] for i in want], k)
+            lps = {i: self._logprob(tokens[i], found[j], states[i].params.logprobs) for j, i in enumerate(want)}
+        now = time.monotonic()
+        for i, (row, tok, st) in enumerate(zip(rows, tokens, states)):
+            self._accept(row.seq, st, tok, lps.get(i), now)
+
+    def _logprob(self, tok: int, found: tuple[float, list[tuple[int, float]]], k: int) -> TokenLogprob:
+        dec = self.tokenizer.decode
+        top = tuple((t, dec([t]), lp) for t, lp in found[1][:k])
+        return TokenLogprob(tok, dec([tok]), found[0], top)
+
+    def _accept(self, seq: Sequence, st: RequestState, tok: int, logprob: TokenLogprob | None, now: float) -> None:
+        p = st.params
+        if st.first_token is None:
+            st.first_token = now
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            self._finish(seq, "stop")  # the end token is not part of the completion
+            return
+        seq.output_ids.append(tok)
+        st.token_times.append(now)
+        piece = st.text.push(tok)
+        reason: FinishReason | None = None
+        if st.text.stopped:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason:
+            piece += st.text.flush()
+        st.sink(TokenEvent(len(seq.output_ids) - 1, tok, piece, logprob))
+        if reason:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self.scheduler.finish(seq.request_id)
+        st: RequestState = seq.data
+        now = time.monotonic()
+        t = st.token_times
+        timings = Timings(queue=(st.admitted or now) - st.submitted,
+                          ttft=None if st.first_token is None else st.first_token - st.submitted,
+                          e2e=now - st.submitted, inter_token=tuple(b - a for a, b in zip(t, t[1:])))
+        st.sink(FinishEvent(reason, st.text.text, seq.tier or "", len(seq.prompt_ids), len(seq.output_ids),
+                            timings, error))
+
+    # ----------------------------------------------------------------------------------------- control
+    def set_policy(self, policy: PolicySpec) -> None:
+        new = TierPolicy(policy, self.em.resolve)  # validates before anything changes
+        with self.lock:
+            self.policy = new
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            s = self.scheduler
+            return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_slots_used=s.slots.used,
+                               kv_slots_total=s.slots.total, current_auto_tier=self.policy.tier)
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
+                 tiers: object | list[object] = None) -> list[Generation]:
+        """Run prompts to completion in this thread (CLI, tests, benchmarks): one Generation per prompt."""
+        n = len(prompts)
+        per_params = params if isinstance(params, list) else [params] * n
+        per_tier = tiers if isinstance(tiers, list) else [tiers] * n
+        if len(per_params) != n or len(per_tier) != n:
+            raise ValueError(f"{len(per_params)} SamplingParams and {len(per_tier)} tiers for {n} prompts")
+        results = [Generation() for _ in range(n)]
+        for prompt, p, t, g in zip(prompts, per_params, per_tier, results):
+            self.add(prompt, p, t, g.events.append)
+        while self.has_work:
+            self.step()
+        return results
+
+
+@dataclass
+class Generation:
+    """Everything one request streamed, collected (EngineCore.generate)."""
+
+    events: list[StreamEvent] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [e.token_id for e in self.events if isinstance(e, TokenEvent)]
+
+    @property
+    def finish(self) -> FinishEvent:
+        last = self.events[-1]
+        assert isinstance(last, FinishEvent), "the request has not finished"
+        return last

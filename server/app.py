@@ -1,0 +1,111 @@
+"""The app factory: `create_app(settings, engine=None)`.
+
+With an engine given (tests, embedding) the app serves it at once and never stops it. Otherwise the
+lifespan loads the engine from `settings.model` in a worker thread while the server already answers:
+/health says 503 "loading" until it is ready (503 "failed" with the reason if loading fails), and the
+engine is shut down with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+from fastapi import FastAPI, Request, Response
+from sparsedial.engine.api import EngineProtocol
+
+from sparsedial import __version__
+
+from .deps import ServerState, resolve_tier
+from .errors import install_error_handlers
+from .metrics import ServerMetrics
+from .serving import ClientDisconnected
+from .settings import ServerSettings
+
+log = logging.getLogger("sparsedial.server")
+EngineFactory = Callable[[ServerSettings], EngineProtocol]
+
+
+async def _maybe_await(value: object) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+async def _call_if_present(obj: object, *names: str) -> None:
+    """Call the first of `names` that `obj` has (sync or async); used for engine start/stop hooks."""
+    for name in names:
+        fn = getattr(obj, name, None)
+        if callable(fn):
+            await _maybe_await(fn())
+            return
+
+
+def apply_default_tier(engine: EngineProtocol, tier: str | None) -> None:
+    if tier is None:
+        return
+    name = resolve_tier(engine, tier, param="default_tier")
+    if name is not None:
+        engine.set_policy(replace(engine.get_policy(), default_tier=name))
+
+
+async def _load(state: ServerState, factory: EngineFactory | None) -> None:
+    if factory is None:
+        from .engine_factory import build_engine as factory
+
+    try:
+        engine = await asyncio.to_thread(factory, state.settings)
+        await _call_if_present(engine, "start")
+        apply_default_tier(engine, state.settings.default_tier)
+    except Exception as exc:
+        log.exception("engine failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    state.engine, state.owns_engine = engine, True
+    log.info("engine ready: %s, tiers %s", engine.model_name, ", ".join(engine.tiers))
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServerState = app.state.sparsedial
+    task = None if state.engine is not None else asyncio.create_task(_load(state, app.state.engine_factory))
+    try:
+        yield
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if state.owns_engine and state.engine is not None:
+            await _call_if_present(state.engine, "aclose", "shutdown", "stop")
+            state.engine = None
+
+
+async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | None = None, *,
+               engine_factory: EngineFactory | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`, or the one `engine_factory(settings)` (default: an AsyncEngine on
+    `settings.model`) builds in a worker thread during the lifespan."""
+    from .routes_admin import router as admin_router
+    from .routes_generate import router as generate_router
+    from .routes_openai import router as openai_router
+
+    settings = settings or ServerSettings()
+    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan,
+                  description="Serve one elastic sparse LLM at many sparsity tiers.")
+    state = ServerState(settings=settings, metrics=ServerMetrics(), engine=engine)
+    if engine is not None:
+        apply_default_tier(engine, settings.default_tier)
+    app.state.sparsedial = state
+    app.state.engine_factory = engine_factory
+    app.state.on_error = state.metrics.observe_error
+    install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    for router in (generate_router, openai_router, admin_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,181 @@
+"""OpenAI-compatible wire models for /v1/completions, /v1/chat/completions and /v1/models.
+
+Each request model mirrors OpenAI's field names, defaults and ranges; sparsedial's own fields sit in the
+block marked `sparsedial extensions` (the official client sends them with `extra_body={...}`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import SPARSITY_DESCRIPTION, Sparsity, StreamOptions, UsageInfo
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class _OpenAIRequest(BaseModel):
+    """Fields common to both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A model id from /v1/models: the model, or `<model>@<tier>`.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted for compatibility; must be 0.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted for compatibility; must be 0.")
+    user: str | None = None
+
+    # --- sparsedial extensions (not in OpenAI's API) ---
+    sparsity: Sparsity = Field(None, description=SPARSITY_DESCRIPTION)
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+    # --- end sparsedial extensions ---
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0, description="Deprecated by OpenAI for max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    # --- sparsedial extensions (not in OpenAI's API) ---
+    add_generation_prompt: bool = Field(True, description="End the templated prompt with the assistant's "
+                                                          "turn header.")
+    # --- end sparsedial extensions ---
+
+
+# ------------------------------------------------------------------------------------------------ responses
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    # --- sparsedial extensions ---
+    tier: str | None = Field(None, description="The tier that served the request (on the last chunk when "
+                                               "streaming).")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    # --- sparsedial extensions ---
+    tier: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    # --- sparsedial extensions ---
+    tier: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "sparsedial"
+    root: str
+    parent: str | None = None
+    # --- sparsedial extensions ---
+    tier: str | None = Field(None, description="The tier this id pins; None for the model itself (auto).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,263 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions (JSON or SSE).
+
+The tier comes from the `sparsity` body field (openai-python: `extra_body={"sparsity": "50%"}`) or from a
+`<model>@<tier>` model id listed by /v1/models; every response names the tier that served it (`tier`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from sparsedial.engine.api import EngineProtocol, FinishEvent, StreamEvent, TokenEvent, TokenLogprob
+
+from .chat import render_chat
+from .deps import ServerState, get_engine, get_state, model_ids, new_id, request_tier, sampling_params
+from .errors import APIError
+from .protocol import ErrorResponse, UsageInfo
+from .protocol_openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    _OpenAIRequest,
+)
+from .scoring import echo_choices, needs_scoring, score_prompts
+from .serving import SSE_DONE, Choice, RequestRun, guarded_stream, sse
+
+router = APIRouter(prefix="/v1")
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 422, 429, 503)}
+Job = tuple[str | list[int], object, str | None]
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(state: ServerState = Depends(get_state),
+                      engine: EngineProtocol = Depends(get_engine)) -> ModelList:
+    """The model (tier chosen by the policy) and one `<model>@<tier>` entry per tier, with `parent`."""
+    name = state.model_id(engine)
+    cards = [ModelCard(id=name, root=name)]
+    cards += [ModelCard(id=f"{name}@{t}", root=name, parent=name, tier=t) for t in engine.tiers]
+    return ModelList(data=cards)
+
+
+def finish_reason(ev: FinishEvent) -> str:
+    return ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
+
+
+def usage_of(finishes: list[FinishEvent], n: int) -> UsageInfo:
+    """Prompt tokens once per prompt (choices come in groups of n per prompt), completion tokens of all."""
+    prompt = sum(ev.prompt_tokens for i, ev in enumerate(finishes) if i % n == 0)
+    completion = sum(ev.completion_tokens for ev in finishes)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _check_common(body: _OpenAIRequest) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported by sparsedial (send 0 or leave it out)", param=name,
+                           code="unsupported_parameter")
+
+
+def _jobs(body: _OpenAIRequest, prompts: list[str | list[int]], tiers: list[str | None], max_tokens: int,
+          logprobs: int | None) -> list[Job]:
+    """n jobs per prompt; a seeded request gives choice j the seed `seed + j` so the choices differ."""
+    jobs: list[Job] = []
+    for prompt, tier in zip(prompts, tiers):
+        for j in range(body.n):
+            seed = None if body.seed is None else body.seed + j
+            params = sampling_params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                     top_k=body.top_k, stop=body.stop, seed=seed, logprobs=logprobs,
+                                     ignore_eos=body.ignore_eos)
+            jobs.append((prompt, params, tier))
+    return jobs
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- completions
+def completion_logprobs(lps: list[TokenLogprob | None], offset: int = 0) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for lp in lps:
+        if lp is None:
+            continue
+        out.tokens.append(lp.text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({text: v for _, text, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(lp.text)
+    return out
+
+
+def _completion_choice(i: int, c: Choice, echo: str, with_logprobs: bool) -> CompletionChoice:
+    assert c.finish is not None
+    lps = completion_logprobs([t.logprob for t in c.tokens], len(echo)) if with_logprobs else None
+    return CompletionChoice(index=i, text=echo + c.finish.text, logprobs=lps, finish_reason=finish_reason(c.finish))
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state),
+                      engine: EngineProtocol = Depends(get_engine)):
+    """OpenAI text completions; `echo` with `logprobs` returns prompt-token logprobs (lm-eval loglikelihood)."""
+    _check_common(body)
+    tier = request_tier(state, engine, body.model, body.sparsity)
+    prompts = _prompts(body.prompt)
+    rid, poll = new_id("cmpl"), state.settings.disconnect_poll_s
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if needs_scoring(body):
+        scored = await score_prompts(engine, prompts, tier, body.logprobs or 0, request, poll)
+        if max_tokens == 0:
+            choices, usage, tier_used = echo_choices(scored, body.n)
+            return CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage, tier=tier_used)
+        tiers: list[str | None] = [s.tier for s in scored]
+    else:
+        scored, tiers = None, [tier] * len(prompts)
+    run = RequestRun.start(engine, state.metrics, "completions",
+                           _jobs(body, prompts, tiers, max_tokens, body.logprobs), rid)
+    echo_texts = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
+    if body.stream:
+        _, events = await guarded_stream(run, request, poll)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _completion_sse(events, rid, body.model, echo_texts, body.n, include_usage, body.logprobs)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    done = await run.collect(request, poll)
+    choices = [_completion_choice(i, c, echo_texts[i // body.n], body.logprobs is not None)
+               for i, c in enumerate(done)]
+    if scored is not None:
+        choices = echo_choices(scored, body.n, choices)[0]
+    finishes = [c.finish for c in done if c.finish is not None]
+    return CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage_of(finishes, body.n),
+                              tier=finishes[0].tier)
+
+
+def _prompt_text(engine: EngineProtocol, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)  # type: ignore[attr-defined]
+
+
+async def _completion_sse(events: AsyncIterator[tuple[int, StreamEvent]], rid: str, model: str,
+                          echo_texts: list[str], n: int, include_usage: bool,
+                          logprobs: int | None) -> AsyncIterator[bytes]:
+    pending_echo = {i: echo_texts[i // n] for i in range(len(echo_texts) * n) if echo_texts[i // n]}
+    offsets: dict[int, int] = {}
+    finishes: list[FinishEvent | None] = [None] * (len(echo_texts) * n)
+    try:
+        async for i, ev in events:
+            prefix = pending_echo.pop(i, "")
+            if isinstance(ev, TokenEvent):
+                lps = None
+                if logprobs is not None and ev.logprob is not None:
+                    lps = completion_logprobs([ev.logprob], offsets.get(i, len(prefix)))
+                    offsets[i] = lps.text_offset[-1] + len(ev.logprob.text)
+                choice = CompletionChoice(index=i, text=prefix + ev.text, logprobs=lps)
+                yield sse(CompletionResponse(id=rid, model=model, choices=[choice]))
+            else:
+                finishes[i] = ev
+                choice = CompletionChoice(index=i, text=prefix, finish_reason=finish_reason(ev))
+                yield sse(CompletionResponse(id=rid, model=model, choices=[choice], tier=ev.tier))
+        if include_usage:
+            done = [f for f in finishes if f is not None]
+            yield sse(CompletionResponse(id=rid, model=model, choices=[], usage=usage_of(done, n),
+                                         tier=done[0].tier if done else None))
+    except APIError as exc:
+        yield sse(exc.body())
+    yield SSE_DONE
+
+
+# ------------------------------------------------------------------------------------------------- chat
+def chat_logprobs(lps: list[TokenLogprob | None]) -> ChatLogprobs:
+    content = [ChatTokenLogprob(token=lp.text, logprob=lp.logprob, bytes=list(lp.text.encode()),
+                                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
+                                              for _, t, v in lp.top])
+               for lp in lps if lp is not None]
+    return ChatLogprobs(content=content)
+
+
+def _chat_max_tokens(body: ChatCompletionRequest, engine: EngineProtocol, prompt: str) -> int:
+    """Explicit max_completion_tokens / max_tokens, else what is left of the context after the prompt."""
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens
+    if body.max_tokens is not None:
+        return body.max_tokens
+    n_prompt = len(engine.tokenizer.encode(prompt, add_special_tokens=False))  # type: ignore[attr-defined]
+    return max(1, engine.max_context - n_prompt)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state),
+                           engine: EngineProtocol = Depends(get_engine)):
+    """OpenAI chat completions; the prompt comes from the tokenizer's chat template (or the documented
+    fallback for tokenizers without one, see server/chat.py)."""
+    _check_common(body)
+    tier = request_tier(state, engine, body.model, body.sparsity)
+    prompt = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    rid, poll = new_id("chatcmpl"), state.settings.disconnect_poll_s
+    jobs = _jobs(body, [prompt], [tier], _chat_max_tokens(body, engine, prompt), top)
+    run = RequestRun.start(engine, state.metrics, "chat", jobs, rid)
+    if body.stream:
+        _, events = await guarded_stream(run, request, poll)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _chat_sse(events, rid, body.model, body.n, include_usage, top is not None)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    done = await run.collect(request, poll)
+    choices = []
+    for i, c in enumerate(done):
+        assert c.finish is not None
+        lps = chat_logprobs([t.logprob for t in c.tokens]) if top is not None else None
+        choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=c.finish.text), logprobs=lps,
+                                  finish_reason=finish_reason(c.finish)))
+    finishes = [c.finish for c in done if c.finish is not None]
+    return ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=usage_of(finishes, body.n),
+                                  tier=finishes[0].tier)
+
+
+async def _chat_sse(events: AsyncIterator[tuple[int, StreamEvent]], rid: str, model: str, n: int,
+                    include_usage: bool, with_logprobs: bool) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+    finishes: list[FinishEvent | None] = [None] * n
+    try:
+        async for i, ev in events:
+            if i not in started:  # OpenAI's first delta of a choice carries the role
+                started.add(i)
+                first = ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                yield sse(ChatCompletionChunk(id=rid, model=model, choices=[first]))
+            if isinstance(ev, TokenEvent):
+                lps = chat_logprobs([ev.logprob]) if with_logprobs and ev.logprob is not None else None
+                choice = ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), logprobs=lps)
+                yield sse(ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+            else:
+                finishes[i] = ev
+                choice = ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=finish_reason(ev))
+                yield sse(ChatCompletionChunk(id=rid, model=model, choices=[choice], tier=ev.tier))
+        if include_usage:
+            done = [f for f in finishes if f is not None]
+            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage_of(done, n),
+                                          tier=done[0].tier if done else None))
+    except APIError as exc:
+        yield sse(exc.body())
+    yield SSE_DONE
+
+
+__all__ = ["model_ids", "router"]

@@ -1,0 +1,71 @@
+"""Server settings: the one source of defaults for `sparsedial serve`, the app factory and the env.
+
+Every field reads from an environment variable `SPARSEDIAL_<FIELD>` (e.g. `SPARSEDIAL_PORT=9000`,
+`SPARSEDIAL_ADMIN_TOKEN=...`); the CLI builds a `ServerSettings` from its options and never restates a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def default_model_dir() -> Path:
+    """The embedded elastic model when it has been built, else the embedded dense model."""
+    elastic = MODELS_DIR / "stdlib-tiny-elastic"
+    return elastic if (elastic / "elastic.json").is_file() else MODELS_DIR / "stdlib-tiny"
+
+
+class ServerSettings(BaseSettings):
+    """Settings of one sparsedial server process."""
+
+    model_config = SettingsConfigDict(env_prefix="SPARSEDIAL_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback by default, 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free port).")
+    model: Path = Field(default_factory=default_model_dir,
+                        description="Model directory: an elastic checkpoint or a plain HF model directory. "
+                                    "Default: the embedded models/stdlib-tiny-elastic if present, "
+                                    "else models/stdlib-tiny.")
+    served_model_name: str | None = Field(None, description="Model id shown by /v1/models and expected in "
+                                                            "requests; default: the engine's model name.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (CUDA when available).")
+    dtype: str = Field("auto", description="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA).")
+    backend: str = Field("auto", description="Sparse backend: auto (triton on CUDA, else torch), torch or triton.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables the "
+                                                            "admin routes (403).")
+    default_tier: str | None = Field(None, description="Initial default tier for `auto` requests; None keeps "
+                                                       "the engine's own default.")
+    max_waiting: int | None = Field(None, ge=1, description="Waiting-queue limit before 429; None keeps the "
+                                                            "engine's default.")
+    max_running: int | None = Field(None, ge=1, description="Requests decoded at once (KV slots, the engine's "
+                                                            "max_batch); None keeps the engine's default.")
+    disconnect_poll_s: float = Field(0.1, gt=0, description="How often a non-streaming request checks whether "
+                                                            "its client has gone (then it is cancelled).")
+    log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, v: str) -> str:
+        allowed = ("auto", "float32", "float16", "bfloat16")
+        if v not in allowed:
+            raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {v!r}")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        if v not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got {v!r}")
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # SPARSEDIAL_ADMIN_TOKEN="" means "no token", i.e. admin disabled
+        return v

@@ -1,0 +1,122 @@
+"""ElasticModel: tier resolution, tier k == the statically merged model, mixed tiers in one forward,
+resident tiers / LRU cache / memory budget, unmasked LoRA, packed (triton-format) tiers, plain models."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+from sparsedial.engine.api import UnknownTierError
+from sparsedial.engine.elastic import ElasticModel, fast_drop_levels
+from sparsedial.engine.elastic_format import drop_levels_from_rank, rank_from_scores, read_elastic
+from sparsedial.engine.linear import ElasticLinear, TierPlan
+from sparsedial.engine.loader import load_model
+
+from .conftest import EMBEDDED
+
+TOKENS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 3], [8, 8, 120, 6, 250, 31, 2, 64]])  # [2, 8]
+
+
+@pytest.mark.parametrize("requested, tier", [
+    ("dense", "dense"), ("2:4", "2:4"), ("30%", "30%"), (" 50% ", "50%"), (0.5, "50%"), ("0.5", "50%"),
+    (0.304, "30%"), (0.45, "45%"), ("45.4%", "45%"), (0, "dense"), (0.001, "dense"), (0.7, "70%"),
+    ("auto", None), (None, None),
+])
+def test_resolve(em, requested, tier):
+    assert em.resolve(requested) == tier
+
+
+@pytest.mark.parametrize("bad", ["80%", 0.71, -0.1, "3:4", "fast", True, float("nan"), [0.5]])
+def test_unknown_tier_lists_the_tiers(em, bad):
+    with pytest.raises(UnknownTierError, match=r"available: dense, 30%, 40%, 50%, 60%, 70%, 2:4, auto") as e:
+        em.resolve(bad)
+    assert e.value.tiers == em.tiers
+
+
+def test_on_demand_tier_groups_follow_the_intervals(em):
+    assert em.tier_spec(em.resolve(0.35)).lora_groups == (0,)
+    assert em.tier_spec(em.resolve(0.45)).lora_groups == (0, 1)
+    assert em.tier_spec(em.resolve(0.05)).lora_groups == (0,)
+
+
+@pytest.mark.parametrize("tier", ["dense", "30%", "40%", "50%", "60%", "70%", "2:4", "45%"])
+def test_tier_logits_equal_the_statically_merged_model(em, static, tier):
+    name = em.resolve(tier)
+    with torch.inference_mode(), em.plan(TierPlan.from_rows([name] * 2)):
+        got = em.model(TOKENS)
+    ref = static.at(em.tier_spec(name)).model
+    with torch.inference_mode():
+        want = ref(TOKENS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_mixed_tiers_in_one_forward_equal_each_row_alone(em):
+    tiers = ["dense", "2:4", "2:4", "60%", "45%", "dense"]
+    tokens = torch.randint(0, 6000, (6, 5), generator=torch.Generator().manual_seed(1))
+    em.ensure(set(tiers))
+    with torch.inference_mode():
+        with em.plan(TierPlan.from_rows(tiers)):
+            mixed = em.model(tokens)
+        for i, t in enumerate(tiers):
+            with em.plan(TierPlan.from_rows([t])):
+                torch.testing.assert_close(mixed[i], em.model(tokens[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+    assert len({round(float(mixed[i, -1, 0]), 4) for i in (0, 1, 3, 4)}) == 4  # the tiers really differ
+
+
+def test_unmasked_lora_runs_beside_the_sparse_base(elastic_dir, static):
+    spec, tensors = read_elastic(elastic_dir)
+    spec = dataclasses.replace(spec, lora_mode="unmasked")
+    m = ElasticModel(load_model(elastic_dir), spec, tensors, "torch", resident=["dense", "50%"])
+    lin = m.model.model.layers[1].mlp.up_proj
+    assert lin.tiers["50%"].lora_a.shape == (8, lin.in_features)  # groups 0 and 1, rank 4 each
+    with torch.inference_mode(), m.plan(TierPlan.from_rows(["50%"] * 2)):
+        got = m.model(TOKENS)
+    with torch.inference_mode():
+        want = static.at(spec.tier("50%"), lora_mode="unmasked").model(TOKENS)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_tiers_match_the_torch_tiers(em):
+    """The triton backend's materialization (pack_24 / pack_bitmap), run through sparse_linear's reference."""
+    lin: ElasticLinear = em.model.model.layers[2].self_attn.o_proj
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
+    for name in ("2:4", "60%"):
+        want = lin.apply_tier(x, name)
+        packed = dataclasses.replace(lin.materialize(em.spec, em.tier_spec(name), "triton"))
+        lin.materialize(em.spec, em.tier_spec(name), "torch")  # restore the torch tier
+        assert packed.packed is not None and packed.nbytes > 0
+        torch.testing.assert_close(packed.apply(x, lin.bias), want, rtol=1e-5, atol=1e-5)
+
+
+def test_resident_tiers_budget_and_lru(elastic_dir):
+    one_tier = 34209792  # bytes of one merged fp32 tier of stdlib-tiny's 42 linears
+    m = ElasticModel.load(elastic_dir, resident=["dense", "50%"], memory_budget=3 * one_tier, cache_tiers=1)
+    assert m.resident == ["dense", "50%"] and m.tier_bytes == {"dense": 0, "50%": one_tier}
+    m.ensure(["30%"])
+    m.ensure(["2:4"])  # cache of one: 30% is evicted
+    assert sorted(m.materialized) == ["2:4", "50%", "dense"]
+    m.ensure(["30%", "2:4"])  # both needed by one step: kept over the count, within the budget
+    assert sorted(m.materialized) == ["2:4", "30%", "50%", "dense"]
+    with pytest.raises(ValueError, match="resident tier '70%' does not fit the memory budget"):
+        m.add_resident("70%")
+    assert "70%" not in m.materialized
+    start = time.perf_counter()
+    m.set_default_tier("50%")  # resident: a pointer change
+    assert time.perf_counter() - start < 0.01 and m.default_tier == "50%"
+    with pytest.raises(UnknownTierError):
+        m.set_default_tier("99%")
+
+
+def test_plain_model_serves_dense_only():
+    m = ElasticModel.load(EMBEDDED)
+    assert m.tiers == ["dense"] and m.resolve(0) == "dense" and m.tier_bytes == {"dense": 0}
+    with pytest.raises(UnknownTierError, match="'30%'.*available: dense, auto"):
+        m.resolve("30%")
+
+
+def test_fast_drop_levels_equal_the_reference():
+    for shape in [(7, 13), (5, 384), (3, 100), (4, 1)]:
+        r = rank_from_scores(torch.rand(*shape))
+        assert torch.equal(fast_drop_levels(r), drop_levels_from_rank(r))

@@ -97,6 +97,7 @@ def run(args) -> dict:
             print(f"{method} {tier}: {rows[tier]}", flush=True)
             del model
         res["methods"][method] = rows
+        (args.out / "quality_results.partial.json").write_text(json.dumps(res, indent=2))
 
     variants = {
         "nested-wanda": dict(epochs=0, chain=False),
@@ -104,11 +105,13 @@ def run(args) -> dict:
         "epts": dict(epochs=args.epochs, chain=False),
         "epts-chain": dict(epochs=args.epochs, chain=True),
         "epts-unmasked": dict(epochs=args.epochs, chain=False, lora_mode="unmasked"),
+        "epts-r32": dict(epochs=args.epochs, chain=False, high_rank=32),
     }
     work = Path(args.work)
     for name, v in variants.items():
         out = work / name
-        ecfg = EPTSConfig(epochs=v["epochs"], batch_size=args.batch_size, lora_mode=v.get("lora_mode", "masked"))
+        ecfg = EPTSConfig(epochs=v["epochs"], batch_size=args.batch_size, lora_mode=v.get("lora_mode", "masked"),
+                          high_rank=v.get("high_rank"))
         if device == "cuda":
             torch.cuda.synchronize()
         r = compress_epts(model_dir, out, ["dense", *TIERS], calib_cfg, ecfg, device=device, chain=v["chain"],
@@ -123,6 +126,7 @@ def run(args) -> dict:
         res["methods"][name] = rows
         res.setdefault("epts_runs", {})[name] = {"wall_s": r.wall_s,
                                                  "elastic_bytes": (out / "elastic.safetensors").stat().st_size}
+        (args.out / "quality_results.partial.json").write_text(json.dumps(res, indent=2))
     res["sizes"] = {"dense_model_bytes": (model_dir / "model.safetensors").stat().st_size}
     res["epts_config"] = vars(EPTSConfig(epochs=args.epochs, batch_size=args.batch_size))
     return res
@@ -131,7 +135,8 @@ def run(args) -> dict:
 # ------------------------------------------------------------------------------------------ reporting
 COLUMNS = [("magnitude", "magnitude"), ("wanda", "Wanda"), ("sparsegpt", "SparseGPT"),
            ("nested-wanda", "nested Wanda (no LoRA)"), ("nested-wanda-chain", "nested Wanda, 2:4 chain"),
-           ("epts", "EPTS"), ("epts-chain", "EPTS, 2:4 chain"), ("epts-unmasked", "EPTS, unmasked LoRA")]
+           ("epts", "EPTS"), ("epts-chain", "EPTS, 2:4 chain"), ("epts-unmasked", "EPTS, unmasked LoRA"),
+           ("epts-r32", "EPTS, rank 32 above 70%")]
 
 
 def _geomean(xs: list[float]) -> float:
@@ -139,8 +144,8 @@ def _geomean(xs: list[float]) -> float:
 
 
 def best_epts(res: dict) -> str:
-    """The masked EPTS variant with the lower geometric-mean perplexity over all tiers."""
-    return min(("epts", "epts-chain"), key=lambda k: _geomean([r["ppl"] for r in res["methods"][k].values()]))
+    """The masked EPTS variant with the lowest geometric-mean perplexity over all tiers."""
+    return min(("epts", "epts-chain", "epts-r32"), key=lambda k: _geomean([r["ppl"] for r in res["methods"][k].values()]))
 
 
 def markdown(res: dict) -> str:

@@ -53,6 +53,9 @@ class EPTSConfig:
     """Sparsity intervals (low, high] of the unstructured LoRA groups (EPTS's 7 + our 0.7-0.8, 0.8-0.9)."""
     rank: int = 8
     """LoRA rank of every group (reference: 8)."""
+    high_rank: int | None = None
+    """If set, the rank of groups reaching beyond 70% sparsity (our extension; more capacity where the
+    mask removes most of the weight)."""
     nm_group: bool = True
     """Train a LoRA group of the 2:4 tier in the same run."""
     msfm_weights: tuple[float, ...] | None = None
@@ -78,7 +81,10 @@ class EPTSConfig:
             raise ValueError(f"lora_mode must be masked or unmasked, got {self.lora_mode!r}")
 
     def lora_groups(self) -> list[LoraGroup]:
-        out = [LoraGroup(i, lo, hi, self.rank) for i, (lo, hi) in enumerate(self.groups)]
+        def rank(hi: float) -> int:
+            return self.high_rank if self.high_rank and hi > 0.7 + 1e-9 else self.rank
+
+        out = [LoraGroup(i, lo, hi, rank(hi)) for i, (lo, hi) in enumerate(self.groups)]
         if self.nm_group:
             out.append(LoraGroup(len(self.groups), 0.5, 0.5, self.rank, nm=True))
         return out
@@ -176,15 +182,14 @@ class _BlockWeights:
 
 def _init_lora(layer, cfg: EPTSConfig, gen: torch.Generator) -> BlockLoRA:
     lora = BlockLoRA()
-    n_groups = len(cfg.lora_groups())
+    groups = cfg.lora_groups()
     for n in LINEAR_NAMES:
         lin = layer.get_submodule(n)
         bound = 1.0 / math.sqrt(lin.in_features)  # kaiming_uniform(a=sqrt(5)) bound, as peft's LoRA A
         dev = lin.weight.device
-        lora.A[n] = [((torch.rand(cfg.rank, lin.in_features, generator=gen) * 2 - 1) * bound).to(dev)
-                     .requires_grad_() for _ in range(n_groups)]
-        lora.B[n] = [torch.zeros(lin.out_features, cfg.rank, device=dev, requires_grad=True)
-                     for _ in range(n_groups)]
+        lora.A[n] = [((torch.rand(g.rank, lin.in_features, generator=gen) * 2 - 1) * bound).to(dev)
+                     .requires_grad_() for g in groups]
+        lora.B[n] = [torch.zeros(lin.out_features, g.rank, device=dev, requires_grad=True) for g in groups]
     return lora
 
 

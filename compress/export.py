@@ -113,10 +113,10 @@ def tier_weights(model: Transformer, spec: ElasticSpec, tensors: dict[str, torch
                     layer.get_submodule(short).weight.data = saved[name]
 
 
-def load_elastic_for_eval(model_dir: Path, dtype="float32", device="cpu") -> tuple[LoadedModel, ElasticSpec,
-                                                                                    dict[str, torch.Tensor]]:
-    """The base model plus the validated elastic state (for evaluation and export)."""
-    lm = load_model(model_dir, dtype=dtype, device=device)
+def load_elastic_for_eval(model_dir: Path, dtype="float32", device="cpu", loaded: LoadedModel | None = None
+                          ) -> tuple[LoadedModel, ElasticSpec, dict[str, torch.Tensor]]:
+    """The base model (`loaded`, or loaded here) plus the validated elastic state (evaluation, export)."""
+    lm = loaded or load_model(model_dir, dtype=dtype, device=device)
     spec, tensors = read_elastic(model_dir)
     shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters() if n.endswith(".weight")}
     validate_tensors(spec, tensors, {n[: -len(".weight")]: s for n, s in shapes.items()}, model_dir)

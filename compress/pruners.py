@@ -73,8 +73,10 @@ def mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- SparseGPT
 def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp I)^-1; raises damping x10 (up to 4 times) if H is not PD."""
-    damp = percdamp * torch.mean(torch.diag(h)).clamp_min(1e-8)
+    """Upper Cholesky factor of (H + damp I)^-1; if H is not PD, retries with damping raised x10
+    (starting from at least 0.1% of mean(diag H), so that percdamp = 0 also recovers)."""
+    mean_diag = torch.mean(torch.diag(h)).clamp_min(1e-8)
+    damp = percdamp * mean_diag
     eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
     for _ in range(5):
         L, info = torch.linalg.cholesky_ex(h + damp * eye)
@@ -83,7 +85,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, percdamp: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
                 return U
-        damp *= 10
+        damp = max(damp * 10, 1e-3 * mean_diag)
     raise RuntimeError("SparseGPT: Hessian is not positive definite even with 1e4x damping")
 
 

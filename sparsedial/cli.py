@@ -1,4 +1,4 @@
-"""The `sparsedial` command line: `generate` and `eval-ppl` (more subcommands arrive as they work).
+"""The `sparsedial` command line: `serve`, `generate`, `compress` and `eval-ppl`.
 
 Errors in user input (missing model, bad option values) print one line `sparsedial: error: ...` and exit
 with status 2; no stack traces.
@@ -12,12 +12,14 @@ from pathlib import Path
 
 from sparsedial.errors import SparsedialError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-tiny"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+# the embedded elastic model when it is there, else the dense embedded model
+DEFAULT_MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic").is_dir() else MODELS / "stdlib-tiny"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                   help="Hugging Face model directory (default: the embedded stdlib-tiny model)")
+                   help="model directory: HF layout or an elastic checkpoint (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -77,16 +79,109 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if args.backend == "transformers":
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=lm.model.lm_head.weight.dtype).to(device).eval()
+        ref_dir = _dense_dir(args.model)
+        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=lm.model.lm_head.weight.dtype).to(device).eval()
         fn = lambda x: ref(input_ids=x).logits  # noqa: E731
     else:
         fn = lm.model
+    print(f"model {args.model}  data {args.data}  backend {args.backend}  window {seq_len}")
+    if args.tier:
+        return _eval_tiers(args, lm, ids, n_bytes, seq_len, device)
     with torch.inference_mode():
         r = perplexity(fn, ids, n_bytes, seq_len=seq_len, batch_size=args.batch_size, device=device)
-    print(f"model {args.model}  data {args.data}  backend {args.backend}")
-    print(f"perplexity {r.perplexity:.3f}  nll {r.nll:.4f}  bits/byte {r.bits_per_byte:.4f}  "
-          f"tokens {r.tokens}  window {seq_len}")
+    print(f"perplexity {r.perplexity:.3f}  nll {r.nll:.4f}  bits/byte {r.bits_per_byte:.4f}  tokens {r.tokens}")
     return 0
+
+
+def _dense_dir(model_dir: Path) -> Path:
+    """The HF directory holding the dense weights (an elastic checkpoint may refer to its base model's)."""
+    import json
+
+    meta = model_dir / "elastic.json"
+    if meta.is_file() and not (model_dir / "model.safetensors").is_file():
+        return (model_dir / json.loads(meta.read_text())["base_weights"]).resolve().parent
+    return model_dir
+
+
+def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_len: int, device: str) -> int:
+    """Perplexity of each requested tier of an elastic checkpoint: tier, measured sparsity, perplexity."""
+    from sparsedial.compress.export import load_elastic_for_eval, tier_weights
+    from sparsedial.compress.pruners import overall_sparsity
+    from sparsedial.engine.elastic_format import is_elastic
+    from sparsedial.engine.evaluate import perplexity
+
+    if args.backend != "sparsedial":
+        raise SparsedialError("--tier needs --backend sparsedial")
+    if not is_elastic(args.model):
+        raise SparsedialError(f"--tier: {args.model} is not an elastic checkpoint (no elastic.json)")
+    lm, spec, tensors = load_elastic_for_eval(args.model, dtype="float32", device=device, loaded=lm)
+    names = [t.name for t in spec.tiers] if args.tier == "all" else [t.strip() for t in args.tier.split(",")]
+    try:
+        tiers = [spec.tier(n) for n in names]
+    except KeyError as e:
+        raise SparsedialError(str(e.args[0])) from None
+    print(f"{'tier':>6}  {'sparsity':>8}  {'perplexity':>10}")
+    for tier in tiers:
+        with tier_weights(lm.model, spec, tensors, tier) as model:
+            r = perplexity(model, ids, n_bytes, seq_len=seq_len, batch_size=args.batch_size, device=device,
+                           progress=False)
+            print(f"{tier.name:>6}  {overall_sparsity(model):8.4f}  {r.perplexity:10.3f}", flush=True)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from sparsedial.compress.calibration import CalibrationConfig
+    from sparsedial.compress.epts import EPTSConfig
+    from sparsedial.compress.export import parse_tiers
+    from sparsedial.compress.pipeline import compress_baseline, compress_epts
+
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    try:
+        parse_tiers(tiers, [])
+        calib = CalibrationConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed)
+        cfg = EPTSConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
+                         high_rank=args.high_rank, lora_mode=args.lora_mode, seed=args.seed)
+    except ValueError as e:
+        raise SparsedialError(str(e)) from None
+    if not (args.model / "config.json").is_file():
+        raise SparsedialError(f"--model {args.model}: not a model directory (no config.json)")
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not (out / ".epts-resume").is_dir() and not args.force:
+        raise SparsedialError(f"--out {out} exists and is not empty; pass --force to write into it")
+    device = _device(args.device)
+    try:
+        if args.method == "epts":
+            r = compress_epts(args.model, out, tiers, calib, cfg, device=device, chain=args.chain,
+                              link_base=args.link_base)
+        else:
+            r = compress_baseline(args.model, out, args.method, tiers, calib, device=device)
+    except ValueError as e:  # calibration source, shapes
+        raise SparsedialError(str(e)) from None
+    print(f"{args.method}: wrote {out} ({', '.join(r.tiers)}) in {r.wall_s:.1f} s")
+    return 0
+
+
+def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compress", help="make an elastic checkpoint (EPTS) or per-tier baseline checkpoints")
+    c.add_argument("--model", type=Path, required=True, help="dense HF model directory")
+    c.add_argument("--out", type=Path, required=True, help="output directory (an interrupted EPTS run resumes)")
+    c.add_argument("--method", choices=["epts", "wanda", "sparsegpt", "magnitude"], default="epts")
+    c.add_argument("--tiers", default="dense,30%,40%,50%,60%,70%,80%,90%,2:4")
+    c.add_argument("--calib", default="stdlib", help="stdlib | c4 | wikitext2 | text file | folder")
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--calib-seq-len", type=int, default=256)
+    c.add_argument("--epochs", type=int, default=4, help="EPTS epochs per block (0: nested masks, no LoRA)")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--rank", type=int, default=8, help="LoRA rank per group")
+    c.add_argument("--high-rank", type=int, default=None, help="LoRA rank of the groups above 70%%")
+    c.add_argument("--lora-mode", choices=["masked", "unmasked"], default="masked")
+    c.add_argument("--chain", action="store_true", help="build the >= 50%% masks inside the 2:4 support")
+    c.add_argument("--link-base", action="store_true", help="refer to the base weights instead of copying")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    c.set_defaults(func=cmd_compress)
 
 
 def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
@@ -173,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--backend", choices=["sparsedial", "transformers"], default="sparsedial",
                    help="whose implementation computes the logits (transformers = reference check)")
+    e.add_argument("--tier", default=None, help="elastic checkpoints: 'all' or a comma list of tiers")
     e.set_defaults(func=cmd_eval_ppl)
+    _add_compress_parser(sub)
     _add_serve_parser(sub)
     return parser
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sparsedial.cli import main
+from sparsedial.cli import DEFAULT_MODEL, main
+
+PLAIN = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny"
 
 
 def test_generate_at_a_tier(elastic_dir, capsys):
@@ -14,10 +18,16 @@ def test_generate_at_a_tier(elastic_dir, capsys):
     assert out.out.startswith("def main():") and "generated, finish: length, tier: 45%]" in out.err
 
 
+def test_default_model_is_the_embedded_elastic_one(capsys):
+    assert DEFAULT_MODEL.name == "stdlib-tiny-elastic"
+    assert main(["generate", "--prompt", "x", "--max-tokens", "2", "--sparsity", "2:4", "--seed", "0"]) == 0
+    assert "tier: 2:4]" in capsys.readouterr().err
+
+
 def test_plain_model_serves_dense_only(capsys):
-    assert main(["generate", "--prompt", "x", "--max-tokens", "2", "--sparsity", "dense"]) == 0
+    assert main(["generate", "--model", str(PLAIN), "--prompt", "x", "--max-tokens", "2", "--sparsity", "dense"]) == 0
     assert "tier: dense]" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "x", "--sparsity", "30%"])
+        main(["generate", "--model", str(PLAIN), "--prompt", "x", "--sparsity", "30%"])
     assert e.value.code == 2
     assert "unknown sparsity tier '30%'; available: dense, auto" in capsys.readouterr().err

@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/sparsedial generate --model models/stdlib-tiny --prompt "def fibonacci(n):" --max-tokens 80 --seed 0
+	$(VENV)/bin/sparsedial serve
 
 test: setup
 	$(PY) -m pytest -q

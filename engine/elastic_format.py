@@ -258,15 +258,21 @@ def tier_mask(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor
     return unstructured_mask(tensors[f"{name}.drop_level"], tier.block_percent(layer))
 
 
-def tier_delta(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
-               layer: int) -> torch.Tensor | None:
-    """sum_{g in tier.lora_groups} scale * B_g A_g (fp32 [out, in]); None when no group applies."""
+def active_lora_groups(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor],
+                       name: str) -> list[int]:
+    """The tier's LoRA groups for linear `name`, less group 0 where its block disabled it (EPTS's LoRA_0 check)."""
     groups = list(tier.lora_groups)
     off = tensors.get(f"{name}.lora0_off")
     if 0 in groups and off is not None and int(off) and tier.sparsity <= spec.lora0_off_below:
         groups.remove(0)
+    return groups
+
+
+def tier_delta(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
+               layer: int) -> torch.Tensor | None:
+    """sum_{g in active groups} scale * B_g A_g (fp32 [out, in]); None when no group applies."""
     delta = None
-    for g in groups:
+    for g in active_lora_groups(spec, tier, tensors, name):
         a, b = tensors[f"{name}.lora.{g}.A"].float(), tensors[f"{name}.lora.{g}.B"].float()
         delta = b @ a if delta is None else delta + b @ a
     return None if delta is None else delta * spec.lora_scale

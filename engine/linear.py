@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .elastic_format import ElasticSpec, TierSpec, merged_weight, tier_mask
+from .elastic_format import ElasticSpec, TierSpec, active_lora_groups, merged_weight, tier_mask
 
 Backend = Literal["torch", "triton"]
 
@@ -94,15 +94,6 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def lora_groups_of(spec: ElasticSpec, tier: TierSpec, maps: LinearMaps) -> list[int]:
-    """The LoRA groups a tier applies to this linear (elastic_format.tier_delta's selection, lora0_off too)."""
-    groups = list(tier.lora_groups)
-    off = maps.tensors.get(f"{maps.name}.lora0_off")
-    if 0 in groups and off is not None and int(off) and tier.sparsity <= spec.lora0_off_below:
-        groups.remove(0)
-    return groups
-
-
 class ElasticLinear(nn.Module):
     """A linear projection `[..., in_features] -> [..., out_features]` with runtime tiers."""
 
@@ -146,7 +137,7 @@ class ElasticLinear(nn.Module):
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         tw = TierWeights(weight=w, nbytes=_nbytes(w))
         if spec.lora_mode == "unmasked":
-            groups = lora_groups_of(spec, tier, maps)
+            groups = active_lora_groups(spec, tier, maps.tensors, maps.name)
             if groups:
                 dt = self.weight.dtype
                 tw.lora_a = torch.cat([maps.tensors[f"{maps.name}.lora.{g}.A"] for g in groups]).to(dt)

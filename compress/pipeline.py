@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from .calibration import CalibrationConfig, calibration_tokens
 from .epts import EPTSConfig, reconstruct
 from .export import copy_base_files, export_elastic, parse_tiers, weights_dtype
 from .nested import build_nested, dense_input_norms
+from .owl import outlier_ratios, owl_schedule
 from .pruners import PruneConfig, overall_sparsity, prune
 
 
@@ -40,8 +42,9 @@ def tier_slug(tier: str) -> str:
 def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: CalibrationConfig, cfg: EPTSConfig,
                   device: str = "cpu", chain: bool = False, link_base: bool = False,
                   importance: str = "wanda", progress: bool = True,
-                  calib_tokens: torch.Tensor | None = None) -> CompressResult:
-    """Nested masks + EPTS -> one elastic checkpoint. `calib_tokens` overrides sampling from `calib.source`."""
+                  calib_tokens: torch.Tensor | None = None, owl_lambda: float = 0.0) -> CompressResult:
+    """Nested masks + EPTS -> one elastic checkpoint. `calib_tokens` overrides sampling from `calib.source`;
+    `owl_lambda` > 0 stores OWL per-block schedules for the unstructured tiers."""
     t0 = time.perf_counter()
     lm = load_model(model_dir, dtype="float32", device=device)
     tokens = (calib_tokens if calib_tokens is not None else calibration_tokens(lm.tokenizer, calib)).to(device)
@@ -52,8 +55,15 @@ def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: Calib
         if train else {}
     groups = cfg.lora_groups() if train else []
     n_layers = lm.config.num_hidden_layers
+    tier_specs = parse_tiers(tiers, groups)
+    if owl_lambda:
+        if norms is None:
+            raise ValueError("OWL schedules need Wanda importance (dense-trajectory input norms)")
+        ratios = outlier_ratios(lm.model, norms)
+        tier_specs = [dataclasses.replace(t, schedule=owl_schedule(ratios, t.sparsity, owl_lambda))
+                      if t.kind == "unstructured" else t for t in tier_specs]
     spec = ElasticSpec(
-        tiers=parse_tiers(tiers, groups),
+        tiers=tier_specs,
         groups=groups,
         linears=[f"model.layers.{i}.{n}" for i in range(n_layers) for n in LINEAR_NAMES],
         lora_mode=cfg.lora_mode,
@@ -62,7 +72,7 @@ def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: Calib
         method="epts" if train else f"nested-{importance}",
         base_model=Path(model_dir).name,
         calibration=asdict(calib),
-        compress_config={**asdict(cfg), "chain": chain},
+        compress_config={**asdict(cfg), "chain": chain, "owl_lambda": owl_lambda},
     )
     base_dtype = weights_dtype(Path(model_dir) / "model.safetensors")
     export_elastic(Path(model_dir), out_dir, spec, masks, lora, lora_dtype=base_dtype, link_base=link_base)

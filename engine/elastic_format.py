@@ -259,11 +259,16 @@ def tier_mask(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor
 
 
 def active_lora_groups(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor],
-                       name: str) -> list[int]:
-    """The tier's LoRA groups for linear `name`, less group 0 where its block disabled it (EPTS's LoRA_0 check)."""
+                       name: str, layer: int) -> list[int]:
+    """The LoRA groups of linear `name` in block `layer` at `tier`: the tier's own list, or, under a per-block
+    schedule (OWL), the groups of that block's sparsity; less group 0 where the block disabled it."""
+    sparsity = tier.sparsity
     groups = list(tier.lora_groups)
+    if tier.schedule is not None and tier.kind == "unstructured":
+        sparsity = tier.block_percent(layer) / 100
+        groups = list(groups_for_sparsity(spec.groups, sparsity))
     off = tensors.get(f"{name}.lora0_off")
-    if 0 in groups and off is not None and int(off) and tier.sparsity <= spec.lora0_off_below:
+    if 0 in groups and off is not None and int(off) and sparsity <= spec.lora0_off_below:
         groups.remove(0)
     return groups
 
@@ -272,7 +277,7 @@ def tier_delta(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tenso
                layer: int) -> torch.Tensor | None:
     """sum_{g in active groups} scale * B_g A_g (fp32 [out, in]); None when no group applies."""
     delta = None
-    for g in active_lora_groups(spec, tier, tensors, name):
+    for g in active_lora_groups(spec, tier, tensors, name, layer):
         a, b = tensors[f"{name}.lora.{g}.A"].float(), tensors[f"{name}.lora.{g}.B"].float()
         delta = b @ a if delta is None else delta + b @ a
     return None if delta is None else delta * spec.lora_scale

@@ -137,7 +137,7 @@ class ElasticLinear(nn.Module):
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         tw = TierWeights(weight=w, nbytes=_nbytes(w))
         if spec.lora_mode == "unmasked":
-            groups = active_lora_groups(spec, tier, maps.tensors, maps.name)
+            groups = active_lora_groups(spec, tier, maps.tensors, maps.name, maps.layer)
             if groups:
                 dt = self.weight.dtype
                 tw.lora_a = torch.cat([maps.tensors[f"{maps.name}.lora.{g}.A"] for g in groups]).to(dt)

@@ -152,7 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     try:
         if args.method == "epts":
             r = compress_epts(args.model, out, tiers, calib, cfg, device=device, chain=args.chain,
-                              link_base=args.link_base)
+                              link_base=args.link_base, owl_lambda=args.owl_lambda)
         else:
             r = compress_baseline(args.model, out, args.method, tiers, calib, device=device)
     except ValueError as e:  # calibration source, shapes
@@ -178,6 +178,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--lora-mode", choices=["masked", "unmasked"], default="masked")
     c.add_argument("--chain", action="store_true", help="build the >= 50%% masks inside the 2:4 support")
     c.add_argument("--link-base", action="store_true", help="refer to the base weights instead of copying")
+    c.add_argument("--owl-lambda", type=float, default=0.0,
+                   help="store OWL per-block sparsity schedules spread by up to 2x this (0: uniform)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.add_argument("--force", action="store_true", help="write into a non-empty --out")

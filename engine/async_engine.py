@@ -5,25 +5,41 @@ UnknownTierError) and returns a `RequestStream`, an async iterator of TokenEvent
 model thread hands events to the submitting event loop with `call_soon_threadsafe`; closing the stream
 early (`aclose()`, `break` + close, or the consumer task being cancelled) aborts the request, which frees
 its KV slot before `aclose()` returns. The thread sleeps on a condition while there is no work.
+
+`prompt_logprobs()` (lm-eval loglikelihood scoring) needs no KV slot: it queues a job that the same model
+thread runs between two steps (one cache-less forward over the prompt at its tier), so a scoring forward
+never overlaps a step's forwards; the awaiting coroutine gets the result through a future.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+from collections import deque
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from .api import (
     EngineNotReadyError,
+    EngineOverloadedError,
     EngineStats,
     FinishEvent,
     PolicySpec,
+    PromptLogprobs,
+    PromptTooLongError,
     StreamEvent,
     TierRequest,
+    TokenLogprob,
 )
 from .elastic import ElasticModel
+from .linear import TierPlan
 from .runner import EngineConfig, EngineCore
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TextStream
+
+Job = tuple[concurrent.futures.Future, Callable[[], Any]]
 
 
 class RequestStream:
@@ -85,6 +101,7 @@ class AsyncEngine:
         self.tokenizer = em.tokenizer
         self._cond = threading.Condition(self.core.lock)
         self._thread: threading.Thread | None = None
+        self._jobs: deque[Job] = deque()  # model-thread work besides steps (prompt scoring), under _cond
         self._stopping = False
         self.error: BaseException | None = None
 
@@ -103,6 +120,58 @@ class AsyncEngine:
             stream.request_id = self.core.add(prompt, params, tier, stream._put, request_id)
             self._cond.notify()
         return stream
+
+    async def prompt_logprobs(self, prompt: str | list[int], tier: TierRequest = None,
+                              top: int = 0) -> PromptLogprobs:
+        """Score `prompt` at one tier (api.SupportsPromptLogprobs): one forward without KV cache, on the model
+        thread between steps. Raises like `submit` (EngineNotReadyError, PromptTooLongError, UnknownTierError,
+        EngineOverloadedError when the waiting queue is full) and ValueError for an empty prompt or `top`
+        outside [0, 20]. Cancelling the awaiting task drops the job if it has not started."""
+        if self._stopping:
+            raise EngineNotReadyError("the engine has been shut down")
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise ValueError(f"top must be an integer in [0, 20], got {top!r}")
+        ids = self.core.encode(prompt)
+        name = self.model.resolve(tier)
+        if not ids:
+            raise ValueError("empty prompt (at least one token is needed)")
+        if len(ids) > self.max_context:
+            raise PromptTooLongError(len(ids), 0, self.max_context)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.start()
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReadyError("the engine has been shut down")
+            waiting, limit = len(self.core.scheduler.waiting) + len(self._jobs), self.config.max_waiting
+            if waiting >= limit:
+                raise EngineOverloadedError(waiting, limit)
+            self._jobs.append((future, lambda: self._score(ids, name, top)))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
+
+    @torch.inference_mode()
+    def _score(self, ids: list[int], tier: str | None, top: int) -> PromptLogprobs:
+        """The model-thread side of prompt_logprobs: auto resolves to the policy's current tier."""
+        if tier is None:
+            with self._cond:
+                tier = self.core.policy.tier
+        tokens = torch.tensor([ids], device=self.core.runner.device)  # [1, T]
+        with self.model.plan(TierPlan.from_rows([tier])):  # the runner's per-row tier mechanism, one row
+            logits = self.model.model(tokens)[0]  # [T, V]; no slots: keys are this forward's tokens
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]: position i predicts token i+1
+        targets = torch.tensor(ids[1:], device=logp.device)
+        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        alts: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if top:
+            vals, idx = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+            alts = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        texts = prompt_texts(self.tokenizer, ids)
+        dec = self.tokenizer.decode
+        names: dict[int, str] = {}
+        lps: list[TokenLogprob | None] = [None]
+        for tok, text, lp, alt in zip(ids[1:], texts[1:], chosen, alts):
+            lps.append(TokenLogprob(tok, text, lp, tuple((t, names.setdefault(t, dec([t])), v) for t, v in alt)))
+        return PromptLogprobs(tier, tuple(ids), tuple(texts), tuple(lps))
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request now; False when it already finished."""
@@ -129,10 +198,20 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self.core.has_work:
+                while not self._stopping and not self.core.has_work and not self._jobs:
                     self._cond.wait()
                 if self._stopping:
                     return
+                job = self._jobs.popleft() if self._jobs else None
+            if job is not None:  # one queued job, then one step: scoring and decoding interleave
+                future, fn = job
+                if future.set_running_or_notify_cancel():  # False: its awaiting task was cancelled
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - the job's caller gets the error
+                        future.set_exception(e)
+            if not self.core.has_work:
+                continue
             try:
                 self.core.step()
             except BaseException as e:  # pragma: no cover - step() already fails requests on model errors
@@ -147,6 +226,10 @@ class AsyncEngine:
             self._stopping = True
             for seq in list(self.core.scheduler.running) + list(self.core.scheduler.waiting):
                 self.core.abort(seq.request_id)
+            while self._jobs:
+                future, _ = self._jobs.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineNotReadyError("the engine has been shut down"))
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -156,3 +239,24 @@ class AsyncEngine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+class _PromptText(TextStream):
+    """TextStream's incremental detokenization, keeping special tokens (the prompt's own text)."""
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def prompt_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text, so that the texts concatenate to `tokenizer.decode(ids)`: a token ending inside a
+    multi-byte character gets '' and the token completing it the whole character; leftovers go last."""
+    stream = _PromptText(tokenizer, [])
+    texts = [stream.push(t) for t in ids]
+    full = tokenizer.decode(ids)
+    joined = "".join(texts)
+    if joined != full and full.startswith(joined):
+        texts[-1] += full[len(joined):]
+    return texts

@@ -81,11 +81,18 @@ def test_load_policy_escalates_auto_tier(serve):
     async def scenario():
         async with AsyncSparseDial(srv.url, admin_token=ADMIN_TOKEN, max_retries=0) as c:
             await c.admin.set_tier(mode="load", ladder=[(3, "50%")])
-            tasks = [asyncio.create_task(c.generate("x", max_tokens=20)) for _ in range(4)]
+            tasks = []
+            for k in range(4):  # one at a time, so the load each request sees on admission is known
+                tasks.append(asyncio.create_task(c.generate("x", max_tokens=200)))
+                for _ in range(1000):
+                    if engine.running == k + 1:
+                        break
+                    await asyncio.sleep(0.01)
             return [r.tier for r in await asyncio.gather(*tasks)]
 
     tiers = asyncio.run(scenario())
-    assert "50%" in tiers and "dense" in tiers  # the first requests ran dense, later ones under load at 50%
+    # admitted at loads 1, 2, 3, 4 (the request itself included): the ladder's 3 switches to 50%
+    assert tiers == ["dense", "dense", "50%", "50%"]
 
 
 def test_health_ok(server):

@@ -66,11 +66,13 @@ def test_unknown_route_uses_error_shape(server):
 async def _hold_streams(url: str, n: int, engine: FakeEngine, want_waiting: int):
     client = httpx.AsyncClient(base_url=url, timeout=30)
     body = {"prompt": "x", "max_tokens": 250, "stream": True}
-    tasks = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(n)]
-    for _ in range(500):
-        if engine.running == 1 and engine.waiting == want_waiting:
-            break
-        await asyncio.sleep(0.01)
+    tasks = []
+    for k in range(n):  # one at a time: the first must be running before the next one queues
+        tasks.append(asyncio.create_task(client.post("/generate", json=body)))
+        for _ in range(1000):
+            if engine.running == 1 and engine.waiting == k:
+                break
+            await asyncio.sleep(0.01)
     assert engine.running == 1 and engine.waiting == want_waiting
     return client, tasks
 

@@ -15,6 +15,7 @@ Backends of a materialized tier (`TierWeights`):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,6 +65,8 @@ class TierWeights:
 
     weight: torch.Tensor | None = None  # [out, in], F.linear
     packed: object | None = None  # kernels.Packed24 | kernels.PackedBitmap
+    csr: torch.Tensor | None = None  # CSR copy of `weight` (CPU, >= 80% sparse), used for >= csr_min_rows rows
+    csr_min_rows: int = 0
     lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
     lora_b: torch.Tensor | None = None  # [out, r]  scale folded in
     nbytes: int = 0  # bytes owned by this tier (0 when it shares the base weight)
@@ -74,6 +77,11 @@ class TierWeights:
             from sparsedial.kernels import sparse_linear
 
             y = sparse_linear(x, self.packed, bias)
+        elif self.csr is not None and x.numel() >= self.csr_min_rows * x.shape[-1]:
+            y = torch.sparse.mm(self.csr, x.reshape(-1, x.shape[-1]).T).T  # [rows, out]
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            if bias is not None:
+                y = y + bias
         else:
             y = F.linear(x, self.weight, bias)
         if self.lora_a is not None:
@@ -88,6 +96,28 @@ class LinearMaps:
     name: str  # e.g. model.layers.0.mlp.up_proj
     layer: int  # decoder block index
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _csr_min_rows(sparsity: float) -> int | None:
+    """Rows from which CSR beats the dense masked matmul on a CPU (docs/benchmarks.md, "CPU: CSR vs dense"):
+    at 90% from 8 rows (1.4-2.0x), at 80% from 16 (1.3-1.5x); below 80% never."""
+    if sparsity >= 0.9 - 1e-9:
+        return 8
+    if sparsity >= 0.8 - 1e-9:
+        return 16
+    return None
+
+
+def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
+    """CPU fp32 tiers of >= 80% sparsity also get a CSR copy of their merged weight (10-20% of the bytes)."""
+    w = tw.weight
+    min_rows = _csr_min_rows(tier.sparsity) if tier.kind == "unstructured" and tier.schedule is None else None
+    if min_rows is None or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+        return
+    with warnings.catch_warnings():  # torch calls sparse CSR "beta"; the path is tested here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        tw.csr, tw.csr_min_rows = w.to_sparse_csr(), min_rows
+    tw.nbytes += sum(_nbytes(t) for t in (tw.csr.crow_indices(), tw.csr.col_indices(), tw.csr.values()))
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -144,6 +174,8 @@ class ElasticLinear(nn.Module):
                 tw.lora_b = (torch.cat([maps.tensors[f"{maps.name}.lora.{g}.B"] for g in groups], dim=1)
                              .float() * spec.lora_scale).to(dt)
                 tw.nbytes += _nbytes(tw.lora_a) + _nbytes(tw.lora_b)
+        if backend == "torch":
+            _attach_csr(tw, tier)
         if backend == "triton":
             mask = tier_mask(spec, tier, maps.tensors, maps.name, maps.layer)
             if mask is not None:

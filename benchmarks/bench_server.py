@@ -140,20 +140,23 @@ def ensure_tiers(model: Path, build: bool, tmp: Path) -> Path:
     return out
 
 
-def ladder_for(tiers: list[str], max_batch: int) -> list[dict]:
-    """Load ladder over waiting+running requests: step up once the batch is half full, then at each
-    multiple of the batch size, through the unstructured tiers in order of sparsity."""
+def ladder_for(tiers: list[str], max_batch: int, spec: str | None = None) -> list[dict]:
+    """Load ladder over waiting+running requests: `spec` ("8:80%,32:90%"), or by default step up once the
+    batch is half full, then at each multiple of the batch size, through the unstructured tiers in order."""
+    if spec:
+        steps = [part.split(":", 1) for part in spec.split(",")]
+        return [{"threshold": int(th), "tier": t} for th, t in steps]
     sparse = [t for t in tiers if t.endswith("%")]
     thresholds = [max_batch // 2, max_batch, 2 * max_batch, 3 * max_batch]
     return [{"threshold": th, "tier": t} for th, t in zip(thresholds, sparse)]
 
 
 def run_load(url: str, configs: list[tuple[str, str]], conc: list[int], duration: float, max_tokens: int,
-             tiers: list[str], max_batch: int) -> list[Result]:
+             ladder: list[dict]) -> list[Result]:
     results = []
     for name, sparsity in configs:
         if name == "auto (load)":
-            set_policy(url, {"default_tier": "dense", "mode": "load", "ladder": ladder_for(tiers, max_batch),
+            set_policy(url, {"default_tier": "dense", "mode": "load", "ladder": ladder,
                              "hysteresis": 1})
         else:
             set_policy(url, {"default_tier": "dense", "mode": "fixed"})
@@ -198,7 +201,7 @@ def report(results: list[Result], overhead: tuple[float, float], model: str, arg
     lines = [f"Machine: {machine()}", "",
              f"`benchmarks/bench_server.py`: model `{model}`, closed loop over 127.0.0.1, {args.duration:g} s per "
              f"point, /generate with {args.max_tokens} greedy tokens (ignore_eos), engine max_batch "
-             f"{args.max_batch}. `auto (load)` ladder on waiting+running requests: "
+             f"{args.max_batch}, model-thread torch threads {args.cpu_threads or 'torch default'}. `auto (load)` ladder on waiting+running requests: "
              + ", ".join(f"≥{s['threshold']} → {s['tier']}" for s in ladder) + " (hysteresis 1).", "",
              "| config | clients | req/s | tok/s | p50 ms | p95 ms | p99 ms | errors | tiers served |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -223,6 +226,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--tiers", default=None, help="fixed tiers to run (default: dense, the sparsest %% tier, 2:4)")
+    ap.add_argument("--ladder", default=None, help="auto policy ladder, e.g. 8:80%%,32:90%% (threshold:tier)")
+    ap.add_argument("--cpu-threads", type=int, default=1, help="model-thread torch threads on CPU (0: leave as is)")
     ap.add_argument("--overhead-n", type=int, default=20)
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs alone")
@@ -231,7 +236,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = ensure_tiers(args.model or ServerSettings().model, args.build_tiers, Path(tmp))
         engine = AsyncEngine(EngineConfig(model=model, device="cpu" if args.model is None else "auto",
-                                          max_batch=args.max_batch, max_waiting=4096))
+                                          max_batch=args.max_batch, max_waiting=4096,
+                                          cpu_threads=args.cpu_threads or None))
         srv = Loopback(create_app(ServerSettings(model=model, admin_token=ADMIN), engine=engine))
         try:
             tiers = engine.tiers
@@ -239,7 +245,8 @@ def main() -> None:
                 list(dict.fromkeys(["dense"] + [t for t in tiers if t.endswith("%")][-1:] + [t for t in tiers if ":" in t]))
             configs = [(t, t) for t in fixed] + ([("auto (load)", "auto")] if len(tiers) > 1 else [])
             print(f"machine: {machine()}\nmodel {model.name}, tiers {tiers}, configs {[c for c, _ in configs]}")
-            results = run_load(srv.url, configs, conc, args.duration, args.max_tokens, tiers, args.max_batch)
+            ladder = ladder_for(tiers, args.max_batch, args.ladder)
+            results = run_load(srv.url, configs, conc, args.duration, args.max_tokens, ladder)
             overhead = asyncio.run(http_overhead(srv.url, engine, args.overhead_n, args.max_tokens))
             print(f"HTTP overhead: direct {1e3 * overhead[0]:.1f} ms, http {1e3 * overhead[1]:.1f} ms")
         finally:
@@ -252,7 +259,7 @@ def main() -> None:
             w.writerows(r.row() for r in results)
     if args.write:
         plot(results, DOCS / "figures" / "server_load.png")
-        body = report(results, overhead, model.name, args, ladder_for(tiers, args.max_batch))
+        body = report(results, overhead, model.name, args, ladder)
         write_section(DOCS / "benchmarks.md", "server", "## Server under load\n\n" + body, "Benchmarks")
         print("wrote docs/benchmarks.md (section server) and docs/figures/server_load.png")
 

@@ -196,6 +196,8 @@ class AsyncEngine:
                 self._thread.start()
 
     def _loop(self) -> None:
+        if self.config.cpu_threads and self.core.runner.device.type == "cpu":
+            torch.set_num_threads(self.config.cpu_threads)  # per thread: applies to this model thread
         while True:
             with self._cond:
                 while not self._stopping and not self.core.has_work and not self._jobs:

@@ -75,6 +75,10 @@ class EngineConfig:
     """How `auto` requests get their tier (fixed default, or load ladder with hysteresis)."""
     model_name: str | None = None
     """Name the model is served under; None = the model directory's name."""
+    cpu_threads: int | None = 1
+    """torch intra-op threads of the model thread on CPU (None: leave torch's setting). 1 by default: on the
+    2-core machines measured, OpenMP teams started from a non-main thread made small matmuls 2-3x slower
+    (docs/benchmarks.md, "Engine thread")."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))

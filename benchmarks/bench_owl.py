@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section  # noqa: E402
-
-from sparsedial import corpus  # noqa: E402
 from sparsedial.compress.calibration import CalibrationConfig, calibration_tokens  # noqa: E402
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights  # noqa: E402
 from sparsedial.compress.nested import dense_input_norms  # noqa: E402
 from sparsedial.compress.owl import outlier_ratios, owl_schedule  # noqa: E402
 from sparsedial.engine.evaluate import perplexity, token_stream  # noqa: E402
+
+from sparsedial import corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

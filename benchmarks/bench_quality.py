@@ -25,8 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section  # noqa: E402
-
-from sparsedial import corpus  # noqa: E402
 from sparsedial.compress.calibration import CalibrationConfig, sample_windows  # noqa: E402
 from sparsedial.compress.epts import EPTSConfig  # noqa: E402
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights  # noqa: E402
@@ -35,6 +33,8 @@ from sparsedial.compress.pruners import PruneConfig, overall_sparsity, prune  # 
 from sparsedial.engine.elastic_format import LINEAR_NAMES  # noqa: E402
 from sparsedial.engine.evaluate import perplexity, token_stream  # noqa: E402
 from sparsedial.engine.loader import load_model  # noqa: E402
+
+from sparsedial import corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERS = ["30%", "40%", "50%", "60%", "70%", "80%", "90%", "2:4"]
@@ -151,7 +151,7 @@ def best_epts(res: dict) -> str:
 def markdown(res: dict) -> str:
     m = res["methods"]
     head = "| tier | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-    dense = f"| dense | " + " | ".join(f"{res['dense']:.2f}" for _ in COLUMNS) + " |\n"
+    dense = "| dense | " + " | ".join(f"{res['dense']:.2f}" for _ in COLUMNS) + " |\n"
     rows = "".join(f"| {t} | " + " | ".join(f"{m[k][t]['ppl']:.2f}" for k, _ in COLUMNS) + " |\n" for t in TIERS)
     best = best_epts(res)
     sg, ep = m["sparsegpt"], m[best]

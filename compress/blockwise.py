@@ -11,10 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from sparsedial.engine.elastic_format import LINEAR_NAMES
 from sparsedial.engine.model import DecoderLayer, Transformer
+from torch import nn
 
 
 @dataclass

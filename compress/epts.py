@@ -25,9 +25,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call
-from tqdm import tqdm
-
 from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     LoraGroup,
@@ -37,6 +34,8 @@ from sparsedial.engine.elastic_format import (
     unpack_mask24,
 )
 from sparsedial.engine.model import Transformer
+from torch.func import functional_call
+from tqdm import tqdm
 
 from .blockwise import BlockContext, embed, run_block
 from .nested import NestedMasks

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
 from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     ElasticSpec,

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
-
 from sparsedial.engine.elastic_format import drop_levels_from_rank, pack_mask24, rank_from_scores
 from sparsedial.engine.model import Transformer
+from tqdm import tqdm
 
 from .blockwise import BlockContext, block_linears, capture_inputs, embed, run_block
 from .pruners import mask_nm

@@ -10,7 +10,6 @@ the schedule is stored per tier in elastic.json in whole percents (the checkpoin
 from __future__ import annotations
 
 import torch
-
 from sparsedial.engine.elastic_format import LINEAR_NAMES
 from sparsedial.engine.model import Transformer
 

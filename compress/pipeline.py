@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
 from sparsedial.engine.elastic_format import LINEAR_NAMES, ElasticSpec
 from sparsedial.engine.loader import load_model
 

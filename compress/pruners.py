@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
-
 from sparsedial.engine.elastic_format import keep_count
 from sparsedial.engine.model import Transformer
+from tqdm import tqdm
 
 from .blockwise import BlockContext, block_linears, capture_inputs, embed, run_block
 

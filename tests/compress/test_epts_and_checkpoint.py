@@ -8,8 +8,6 @@ import shutil
 
 import pytest
 import torch
-
-from sparsedial.cli import main
 from sparsedial.compress import epts as epts_mod
 from sparsedial.compress.calibration import CalibrationConfig, calibration_tokens
 from sparsedial.compress.epts import EPTSConfig, reconstruct
@@ -18,6 +16,8 @@ from sparsedial.compress.nested import build_nested, dense_input_norms
 from sparsedial.compress.pipeline import compress_epts
 from sparsedial.engine.elastic_format import LINEAR_NAMES, keep_count, read_elastic, unpack_mask24
 from sparsedial.engine.loader import load_model
+
+from sparsedial.cli import main
 from sparsedial.errors import ModelLoadError
 
 TIERS = ["dense", "30%", "50%", "70%", "90%", "2:4"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sparsedial.compress.nested import build_nested
 from sparsedial.compress.pruners import mask_nm, mask_unstructured, sparsegpt_prune, wanda_scores
 from sparsedial.engine.elastic_format import (

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from sparsedial.compress.calibration import CalibrationConfig
 from sparsedial.compress.epts import EPTSConfig
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights

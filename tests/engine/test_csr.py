@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights
 from sparsedial.engine.elastic import ElasticModel
 from sparsedial.engine.linear import ElasticLinear, TierPlan, TierWeights

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from sparsedial.engine.evaluate import perplexity, token_stream, unigram_perplexity
 from transformers import AutoTokenizer
 
 from sparsedial import corpus
-from sparsedial.engine.evaluate import perplexity, token_stream, unigram_perplexity
 
 from .conftest import EMBEDDED
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sparsedial.engine.generate import generate
 from sparsedial.engine.sampling import SamplingParams, filter_logits, select_token
 

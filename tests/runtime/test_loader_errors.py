@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from sparsedial.engine.loader import load_model
+
 from sparsedial.errors import ModelLoadError, UnsupportedModelError
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sparsedial.engine.loader import load_model
 
 from .conftest import FAMILIES

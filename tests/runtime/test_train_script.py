@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from sparsedial.engine.loader import load_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny_model.py"

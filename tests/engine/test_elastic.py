@@ -4,7 +4,6 @@ resident tiers / LRU cache / memory budget, unmasked LoRA, packed (triton-format
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -102,9 +101,11 @@ def test_resident_tiers_budget_and_lru(elastic_dir):
     with pytest.raises(ValueError, match="resident tier '70%' does not fit the memory budget"):
         m.add_resident("70%")
     assert "70%" not in m.materialized
-    start = time.perf_counter()
-    m.set_default_tier("50%")  # resident: a pointer change
-    assert time.perf_counter() - start < 0.01 and m.default_tier == "50%"
+    before = {id(lin): lin.tiers["50%"] for lin in m._linears}
+    materialized = sorted(m.materialized)
+    m.set_default_tier("50%")  # resident: a pointer change, nothing rebuilt (latency: bench_engine.py)
+    assert m.default_tier == "50%" and sorted(m.materialized) == materialized
+    assert all(lin.tiers["50%"] is before[id(lin)] for lin in m._linears)
     with pytest.raises(UnknownTierError):
         m.set_default_tier("99%")
 

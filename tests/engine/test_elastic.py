@@ -104,7 +104,7 @@ def test_resident_tiers_budget_and_lru(elastic_dir):
     before = {id(lin): lin.tiers["50%"] for lin in m._linears}
     materialized = sorted(m.materialized)
     m.set_default_tier("50%")  # resident: a pointer change, nothing rebuilt (latency: bench_engine.py)
-    assert m.default_tier == "50%" and sorted(m.materialized) == materialized
+    assert m.default_tier == "50%" and set(m.materialized) <= set(materialized)  # LRU may evict, never build
     assert all(lin.tiers["50%"] is before[id(lin)] for lin in m._linears)
     with pytest.raises(UnknownTierError):
         m.set_default_tier("99%")

@@ -94,33 +94,45 @@ def _event_data(lines: list[str]) -> Any | None:
     return obj
 
 
+class _SSEBlocks:
+    """Groups SSE lines into events; `feed(line)` returns an event's JSON when a blank line ends one that
+    has data, `DONE` at `data: [DONE]`, else None."""
+
+    DONE = object()
+
+    def __init__(self) -> None:
+        self.block: list[str] = []
+
+    def feed(self, line: str) -> Any:
+        if line:
+            self.block.append(line)
+            return None
+        block, self.block = self.block, []
+        if not any(b.startswith("data:") for b in block):
+            return None
+        data = _event_data(block)
+        return self.DONE if data is None else data
+
+
 def iter_sse(lines: Iterator[str]) -> Iterator[Any]:
     """JSON payloads of `data: <json>\\n\\n` events until `data: [DONE]`."""
-    block: list[str] = []
+    events = _SSEBlocks()
     for line in lines:
-        if line:
-            block.append(line)
-            continue
-        if any(b.startswith("data:") for b in block):
-            data = _event_data(block)
-            if data is None:
-                return
+        data = events.feed(line)
+        if data is events.DONE:
+            return
+        if data is not None:
             yield data
-        block = []
 
 
 async def aiter_sse(lines: AsyncIterator[str]) -> AsyncIterator[Any]:
-    block: list[str] = []
+    events = _SSEBlocks()
     async for line in lines:
-        if line:
-            block.append(line)
-            continue
-        if any(b.startswith("data:") for b in block):
-            data = _event_data(block)
-            if data is None:
-                return
+        data = events.feed(line)
+        if data is events.DONE:
+            return
+        if data is not None:
             yield data
-        block = []
 
 
 class Stream(Generic[T]):

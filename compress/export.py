@@ -27,6 +27,7 @@ from sparsedial.engine.loader import LoadedModel, load_model
 from sparsedial.engine.model import Transformer
 
 from .nested import NestedMasks
+from .pruners import overall_sparsity
 
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -130,14 +131,16 @@ def export_tier_hf(model_dir: Path, tier_name: str, out_dir: Path) -> float:
     copy_base_files(model_dir, out_dir, link_base=True)  # config + tokenizer only; weights written below
     src_dtype = weights_dtype(model_dir / spec.base_weights)
     with tier_weights(lm.model, spec, tensors, tier) as model:
-        state = {k: v.detach().to(src_dtype).contiguous() for k, v in model.state_dict().items()
-                 if not (lm.config.tie_word_embeddings and k == "lm_head.weight")}
-        zeros = sum(int((model.get_submodule(f"model.layers.{i}.{s}").weight == 0).sum())
-                    for i in range(lm.config.num_hidden_layers) for s in LINEAR_NAMES)
-        total = sum(model.get_submodule(f"model.layers.{i}.{s}").weight.numel()
-                    for i in range(lm.config.num_hidden_layers) for s in LINEAR_NAMES)
+        save_hf_weights(model, out_dir, src_dtype)
+        return overall_sparsity(model)
+
+
+def save_hf_weights(model: Transformer, out_dir: Path, dtype: torch.dtype) -> None:
+    """The model's weights as HF `model.safetensors` in `dtype` (a tied lm_head is not stored twice)."""
+    tied = model.config.tie_word_embeddings
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    return zeros / total
 
 
 def weights_dtype(path: Path) -> torch.dtype:

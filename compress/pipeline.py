@@ -20,7 +20,7 @@ from sparsedial.engine.loader import load_model
 
 from .calibration import CalibrationConfig, calibration_tokens
 from .epts import EPTSConfig, reconstruct
-from .export import copy_base_files, export_elastic, parse_tiers, weights_dtype
+from .export import copy_base_files, export_elastic, parse_tiers, save_hf_weights, weights_dtype
 from .nested import build_nested, dense_input_norms
 from .owl import outlier_ratios, owl_schedule
 from .pruners import PruneConfig, overall_sparsity, prune
@@ -83,25 +83,23 @@ def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: Calib
 def compress_baseline(model_dir: Path, out_dir: Path, method: str, tiers: list[str], calib: CalibrationConfig,
                       device: str = "cpu", progress: bool = True) -> CompressResult:
     """Each tier pruned separately from the dense model; one HF checkpoint per tier."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     details = {}
     base_dtype = weights_dtype(Path(model_dir) / "model.safetensors")
+    tokens = None
     for tier in tiers:
         if tier == "dense":
             continue
-        lm = load_model(model_dir, dtype="float32", device=device)
-        tokens = calibration_tokens(lm.tokenizer, calib).to(device) if method != "magnitude" else None
+        lm = load_model(model_dir, dtype="float32", device=device)  # every tier starts from the dense model
+        if tokens is None and method != "magnitude":  # the same calibration set for every tier
+            tokens = calibration_tokens(lm.tokenizer, calib).to(device)
         pcfg = PruneConfig(method=method, nm=(2, 4)) if tier == "2:4" else \
             PruneConfig(method=method, sparsity=int(tier.rstrip("%")) / 100)
         t1 = time.perf_counter()
         prune(lm.model, pcfg, tokens, progress=progress)
         dest = out_dir / tier_slug(tier)
         copy_base_files(Path(model_dir), dest, link_base=True)
-        state = {k: v.to(base_dtype).contiguous() for k, v in lm.model.state_dict().items()
-                 if not (lm.config.tie_word_embeddings and k == "lm_head.weight")}
-        save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+        save_hf_weights(lm.model, dest, base_dtype)
         details[tier] = {"wall_s": time.perf_counter() - t1, "sparsity": overall_sparsity(lm.model),
                          "config": pcfg.to_json()}
     (out_dir / "baseline.json").write_text(json.dumps({"method": method, "calibration": asdict(calib),

@@ -66,7 +66,7 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to its safetensors file (single file, or the shards an index names)."""
     index = model_dir / "model.safetensors.index.json"
-    single = model_dir / _base_weights_name(model_dir)
+    single = base_weights_path(model_dir)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -84,15 +84,15 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     raise ModelLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def _base_weights_name(model_dir: Path) -> str:
+def base_weights_path(model_dir: Path) -> Path:
     """`model.safetensors`, unless an elastic checkpoint's elastic.json points at its base weights elsewhere."""
     meta = model_dir / "elastic.json"
     if meta.is_file() and not (model_dir / "model.safetensors").is_file():
         try:
-            return json.loads(meta.read_text()).get("base_weights", "model.safetensors")
+            return model_dir / json.loads(meta.read_text()).get("base_weights", "model.safetensors")
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{meta}: not valid JSON ({e})") from None
-    return "model.safetensors"
+    return model_dir / "model.safetensors"
 
 
 def _tensor_names(path: Path) -> list[str]:

@@ -79,7 +79,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if args.backend == "transformers":
         from transformers import AutoModelForCausalLM
 
-        ref_dir = _dense_dir(args.model)
+        from sparsedial.engine.loader import base_weights_path
+
+        ref_dir = base_weights_path(args.model).resolve().parent  # an elastic dir may refer to its base
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=lm.model.lm_head.weight.dtype).to(device).eval()
         fn = lambda x: ref(input_ids=x).logits  # noqa: E731
     else:
@@ -91,16 +93,6 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         r = perplexity(fn, ids, n_bytes, seq_len=seq_len, batch_size=args.batch_size, device=device)
     print(f"perplexity {r.perplexity:.3f}  nll {r.nll:.4f}  bits/byte {r.bits_per_byte:.4f}  tokens {r.tokens}")
     return 0
-
-
-def _dense_dir(model_dir: Path) -> Path:
-    """The HF directory holding the dense weights (an elastic checkpoint may refer to its base model's)."""
-    import json
-
-    meta = model_dir / "elastic.json"
-    if meta.is_file() and not (model_dir / "model.safetensors").is_file():
-        return (model_dir / json.loads(meta.read_text())["base_weights"]).resolve().parent
-    return model_dir
 
 
 def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_len: int, device: str) -> int:

@@ -36,6 +36,23 @@ def make_core(em):
     return make
 
 
+@pytest.fixture
+def engine(em):
+    """Factory of AsyncEngines over the shared model (4 slots unless overridden); all shut down afterwards."""
+    from sparsedial.engine.async_engine import AsyncEngine
+
+    made = []
+
+    def make(**kw) -> AsyncEngine:
+        cfg = EngineConfig(model=em.lm.path, **{"max_batch": 4, "max_seq_len": 256, "prefill_chunk": 64, **kw})
+        made.append(AsyncEngine(cfg, model=em))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.shutdown()
+
+
 class StaticModels:
     """The base model with its linears overwritten by a tier's merged weights, on request."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sparsedial.engine import AsyncEngine, EngineConfig
 from sparsedial.engine.api import (
     EngineNotReadyError,
     EngineOverloadedError,
@@ -21,20 +20,6 @@ from .conftest import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture
-def engine(em):
-    made = []
-
-    def make(**kw) -> AsyncEngine:
-        cfg = EngineConfig(model=em.lm.path, **{"max_batch": 4, "max_seq_len": 256, "prefill_chunk": 64, **kw})
-        made.append(AsyncEngine(cfg, model=em))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.shutdown()
 
 
 def test_streams_match_the_sync_engine_with_mixed_tiers(engine, make_core):

@@ -9,7 +9,6 @@ import asyncio
 import pytest
 import torch
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights
-from sparsedial.engine import AsyncEngine, EngineConfig
 from sparsedial.engine.api import (
     EngineNotReadyError,
     EngineOverloadedError,
@@ -24,20 +23,6 @@ from .conftest import PROMPTS
 
 PROMPT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # é→ü\n"
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture
-def engine(em):
-    made = []
-
-    def make(**kw) -> AsyncEngine:
-        cfg = EngineConfig(model=em.lm.path, **{"max_batch": 4, "max_seq_len": 256, "prefill_chunk": 64, **kw})
-        made.append(AsyncEngine(cfg, model=em))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.shutdown()
 
 
 @pytest.fixture(scope="module")

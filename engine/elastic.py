@@ -43,7 +43,7 @@ from .elastic_format import (
     validate_tensors,
     write_elastic,
 )
-from .linear import Backend, ElasticLinear, LinearMaps, TierContext, TierPlan
+from .linear import Backend, ElasticLinear, LinearMaps, TierContext, TierPlan, serving_layout
 from .loader import DType, LoadedModel, load_model
 
 BackendChoice = Literal["auto", "torch", "triton"]
@@ -80,6 +80,7 @@ class ElasticModel:
         self._specs: dict[str, TierSpec] = {t.name: t for t in spec.tiers}
         self._linears: list[ElasticLinear] = []
         self._attach(tensors)
+        self._relayout()
         self.tier_bytes: dict[str, int] = {}  # materialized tier -> bytes it owns
         self._resident: list[str] = []
         self._cache: OrderedDict[str, None] = OrderedDict()  # non-resident tiers, least recently used first
@@ -117,6 +118,13 @@ class ElasticModel:
                 mod.maps = LinearMaps(name, int(m.group(1)) if m else 0,
                                       {k: v for k, v in tensors.items() if k.startswith(prefix)})
             self._linears.append(mod)
+
+    def _relayout(self) -> None:
+        """Base weights of the projections and the LM head in their serving layout (linear.serving_layout);
+        a tied embedding shares the LM head's storage and reads its rows strided."""
+        heads = [self.model.lm_head] if isinstance(self.model.lm_head, torch.nn.Linear) else []
+        for mod in [*self._linears, *heads]:
+            mod.weight.data = serving_layout(mod.weight.data)
 
     # ----------------------------------------------------------------------------------------- tiers
     @property

@@ -140,7 +140,8 @@ class ModelRunner:
         return rows, torch.cat(logits)
 
     def _forward(self, rows: list[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
-        rows = sorted(rows, key=lambda r: r.seq.tier)  # stable: rows of a tier contiguous
+        # rows of a tier contiguous; within a tier by slot, so cache rows are often one range (read as a view)
+        rows = sorted(rows, key=lambda r: (r.seq.tier, r.seq.slot))
         T = max(r.length for r in rows)
         tokens = torch.tensor([r.token_ids + [0] * (T - r.length) for r in rows], device=self.device)  # [B, T]
         start = torch.tensor([r.start for r in rows], device=self.device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sparsedial.engine.elastic import ElasticModel, write_synthetic_elastic
 from sparsedial.engine.elastic_format import merged_weight, read_elastic
-from sparsedial.engine.linear import ElasticLinear
+from sparsedial.engine.linear import ElasticLinear, serving_layout
 from sparsedial.engine.loader import LoadedModel, load_model
 from sparsedial.engine.runner import EngineConfig, EngineCore
 
@@ -61,6 +61,10 @@ class StaticModels:
         self.spec, self.tensors = read_elastic(path)
         self.base = {n: m.weight.detach().clone() for n, m in self.lm.model.named_modules()
                      if isinstance(m, ElasticLinear)}
+        # stored as the engine stores them (linear.serving_layout): same values, and the same BLAS kernel,
+        # so logits can be compared bit for bit (another layout sums in another order)
+        for m in [*(m for m in self.lm.model.modules() if isinstance(m, ElasticLinear)), self.lm.model.lm_head]:
+            m.weight.data = serving_layout(m.weight.data)
 
     @torch.no_grad()
     def at(self, tier, lora_mode: str = "masked") -> LoadedModel:

@@ -10,8 +10,14 @@ achieved GB/s (packed weight + x + y bytes / time), fraction of the peak bandwid
 run by a device-to-device copy, speedup vs dense, and the byte ceiling of that speedup.
 CPU mode (no CUDA): the torch reference vs dense F.linear on small shapes; GPU columns "not measured".
 
+Nested-tier format (``--formats nested`` or ``all``; ``kernels/nested.py``): bytes per weight that each of
+the 7 tiers (90..30%) reads from one shared ``PackedNested`` against a per-tier ``PackedBitmap`` and dense
+fp16, the bytes stored for all tiers, and per tier on a GPU the Triton nested kernel (both indexes) vs
+dense ``F.linear`` and the per-tier bitmap kernel; on a CPU the torch references. Writes
+<out>/bench_kernels_nested_<gpu|cpu>.csv and .md and the ``nested`` section of docs/benchmarks.md.
+
 Writes <out>/bench_kernels_<gpu|cpu>.csv and .md.  Usage:
-    python benchmarks/bench_kernels.py [--quick] [--paths] [--out docs]
+    python benchmarks/bench_kernels.py [--quick] [--paths] [--out docs] [--formats classic|nested|all]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import csv
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,7 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sparsedial.kernels import pack_24, pack_bitmap, sparse_linear
+from sparsedial.kernels import pack_24, pack_bitmap, pack_nested, sparse_linear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOCS, write_section
+from _report import machine as machine_line
 
 SHAPES = {  # name: (N = out features, K = in features)
     "llama2-7b qkvo 4096x4096": (4096, 4096),
@@ -39,6 +50,8 @@ SHAPES = {  # name: (N = out features, K = in features)
 }
 M_VALUES = [1, 2, 4, 8, 16, 32, 128]
 BITMAP_SPARSITIES = [0.5, 0.7]
+NESTED_SPARSITIES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the model's unstructured tiers, sparsest first
+NESTED_BYTES_SHAPE = "llama2-7b qkvo 4096x4096"  # the shape of the bytes table (bytes/weight barely move with K)
 
 
 @dataclass
@@ -235,6 +248,163 @@ def bench_shape(
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# Nested-tier format: one shared copy of the values for all 7 unstructured tiers
+# --------------------------------------------------------------------------------------------------
+
+
+def pct(s: float) -> str:
+    return f"{round(100 * s)}%"
+
+
+def nested_masks(n: int, k: int, dev: str) -> list[torch.Tensor]:
+    """Nested masks as the engine builds them: a random per-row rank keeps int(K (1 - s)) weights per tier."""
+    rank = torch.rand(n, k, device=dev).argsort(dim=1).argsort(dim=1)
+    return [rank < max(1, int(k * (1 - s))) for s in NESTED_SPARSITIES]
+
+
+def nested_bytes_tables(n: int, k: int) -> tuple[str, str]:
+    """Markdown: bytes/weight each tier's matmul reads (fp16), and bytes/weight stored for all tiers."""
+    w = torch.randn(n, k).to(torch.float16)  # CPU: only the byte counts are used
+    masks = nested_masks(n, k, "cpu")
+    packs = {index: pack_nested(w, masks, index=index) for index in ("both", "cols", "levels")}
+    bitmaps = [pack_bitmap(w, mask) for mask in masks]
+    p, size = packs["both"], n * k
+    read = [("| tier | density | nested read (index used) | nested cols | nested levels | per-tier bitmap | "
+             "dense fp16 | byte ceiling nested | byte ceiling bitmap |"), "|" + "---|" * 9]
+    for tier, s in enumerate(NESTED_SPARSITIES):
+        nested, bitmap = p.bytes_per_weight(tier), bitmaps[tier].nbytes / size
+        read.append(f"| {pct(s)} | {p.density(tier):.3f} | {nested:.3f} ({p.index_for(tier)}) | "
+                    f"{p.bytes_per_weight(tier, 'cols'):.3f} | {p.bytes_per_weight(tier, 'levels'):.3f} | "
+                    f"{bitmap:.3f} | 2.000 | {2 / nested:.2f}x | {2 / bitmap:.2f}x |")
+    stored = ["| all 7 tiers resident as | stored bytes/weight |", "|---|---|"]
+    stored += [f"| one nested pack, {label} | {packs[index].stored_bytes_per_weight:.3f} |"
+               for index, label in (("both", "both indexes"), ("cols", "cols index only"),
+                                    ("levels", "levels index only"))]
+    stored.append(f"| 7 per-tier bitmaps | {sum(b.nbytes for b in bitmaps) / size:.3f} |")
+    stored.append(f"| 7 dense fp16 copies | {7 * 2:.3f} |")
+    return "\n".join(read), "\n".join(stored)
+
+
+def bench_nested_shape(name: str, n: int, k: int, ms: list[int], cuda: bool, peak: float | None,
+                       rep_ms: int) -> list[Row]:
+    """Per tier: Triton nested (cols and levels index) and per-tier bitmap on a GPU, references on a CPU."""
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.float16 if cuda else torch.float32
+    dense_bytes = n * k * (torch.finfo(dtype).bits // 8)
+    # Rotate enough weight sets that the smallest read (nested 90%, ~0.16 of dense) spans > 2x L2.
+    count = min(12, max(2, math.ceil(120e6 / (0.16 * dense_bytes)))) if cuda else 1
+    sets = []
+    for i in range(count):
+        w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype)
+        masks = nested_masks(n, k, dev)
+        sets.append((w, pack_nested(w, masks), [pack_bitmap(w, mask) for mask in masks]))
+        if i == 0:
+            refs = [torch.where(mask, w, torch.zeros_like(w)) for mask in masks]
+    nested0, bitmaps0 = sets[0][1], sets[0][2]
+    rows: list[Row] = []
+    for m in ms:
+        xs = [torch.randn(m, k, device=dev).to(dtype) for _ in sets]
+        io_bytes = (m * k + m * n) * (torch.finfo(dtype).bits // 8)
+
+        def measure(method: str, make: Callable, wbytes: int, ref_w: torch.Tensor, note: str = "") -> None:
+            base = {"device": dev, "shape": name, "n": n, "k": k, "m": m,  # noqa: B023
+                    "method": method, "byte_ceiling": dense_bytes / wbytes}
+            fns = [make(ws, x) for ws, x in zip(sets, xs, strict=True)]  # noqa: B023
+            try:
+                err = rel_err(fns[0](), F.linear(xs[0], ref_w))  # noqa: B023
+                us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
+            except Exception as exc:  # noqa: BLE001 -- a failing method is reported, not fatal
+                rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
+                                max_rel_err=None, note=f"n/a: {type(exc).__name__}: {exc}"[:120]))
+                return
+            gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9  # noqa: B023
+            rows.append(Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None,
+                            speedup_vs_dense=None, max_rel_err=err, note=(note + " " + mode).strip()))
+
+        measure("dense F.linear", lambda ws, x: lambda: F.linear(x, ws[0]), dense_bytes, sets[0][0])
+        for tier, s in enumerate(NESTED_SPARSITIES):
+            if cuda:
+                from sparsedial.kernels.triton_nested import linear_nested_triton
+
+                for index in ("cols", "levels"):
+                    measure(f"nested [{index}] {pct(s)}",
+                            lambda ws, x, t=tier, i=index: lambda: linear_nested_triton(x, ws[1], t, index=i),
+                            nested0.read_bytes(tier, index), refs[tier],
+                            "auto" if index == nested0.index_for(tier) else "")
+                measure(f"bitmap {pct(s)}", lambda ws, x, t=tier: lambda: sparse_linear(x, ws[2][t]),
+                        bitmaps0[tier].nbytes, refs[tier])
+            else:
+                measure(f"nested reference {pct(s)}",
+                        lambda ws, x, t=tier: lambda: sparse_linear(x, ws[1], tier=t, backend="torch"),
+                        nested0.read_bytes(tier), refs[tier])
+                measure(f"bitmap reference {pct(s)}",
+                        lambda ws, x, t=tier: lambda: sparse_linear(x, ws[2][t], backend="torch"),
+                        bitmaps0[tier].nbytes, refs[tier])
+        this_m = [r for r in rows if r.m == m]
+        for r in this_m:
+            if r.us and this_m[0].us:
+                r.speedup_vs_dense = this_m[0].us / r.us
+        print(f"  nested {name} M={m}: " + ", ".join(f"{r.method}={fmt(r.us, '.1f')}" for r in this_m), flush=True)
+    return rows
+
+
+def nested_pivot(rows: list[Row]) -> str:
+    """Markdown: one line per (shape, M, method), one column per tier: us (speedup vs dense), * = auto index."""
+    head = "| shape (N x K) | M | dense us | method | " + " | ".join(pct(s) for s in NESTED_SPARSITIES) + " |"
+    lines = [head, "|" + "---|" * (4 + len(NESTED_SPARSITIES))]
+    for (shape, m) in dict.fromkeys((r.shape, r.m) for r in rows):
+        group = [r for r in rows if r.shape == shape and r.m == m]
+        dense, by_method = group[0], {}
+        for r in group[1:]:
+            label, tier = r.method.rsplit(" ", 1)
+            by_method.setdefault(label, {})[tier] = r
+        for label, cells in by_method.items():
+            vals = [cells.get(pct(s)) for s in NESTED_SPARSITIES]
+            text = [f"{fmt(c.us, '.1f')} ({fmt(c.speedup_vs_dense, '.2f')}x){' *' if 'auto' in c.note else ''}"
+                    if c and c.us else "n/a" for c in vals]
+            lines.append(f"| {shape} | {m} | {fmt(dense.us, '.1f')} | {label} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def nested_section(machine: str, cuda: bool, bytes_md: str, stored_md: str, timing_md: str, max_err: float) -> str:
+    """The `nested` section of docs/benchmarks.md: every number in it comes from this run."""
+    speed = ("Per-tier GPU timings below, us (speedup vs dense): the Triton nested kernel with each index "
+             "(* = the one `index_for` picks) and the per-tier bitmap kernel, fp16, CUDA graphs as in \"Kernels\"."
+             if cuda else
+             "**GPU speed was NOT measured** (no GPU in this run): the Triton nested kernel was checked for "
+             "correctness only (TRITON_INTERPRET=1, tests/kernels/test_nested.py). The timings below, us (speedup "
+             "vs dense fp32 `F.linear`), are the CPU torch references (unpack + `F.linear`), not kernel speed.")
+    command = " ".join(["python benchmarks/bench_kernels.py", *sys.argv[1:]])
+    return f"""## Nested-tier format
+
+Measured by `{command}` on {machine}.
+
+**Format** (`kernels/nested.py`, `PackedNested`): the 7 nested unstructured tiers (90..30%, sparsest first)
+share one copy of the values of the densest tier. Per row and 128-input column tile the values run by the
+tier that first keeps them (level), then by column, so tier k reads a prefix of every tile. Two indexes
+locate a value: `cols` (uint8 in-tile column per value + per-tier prefix lengths; reads 3 bytes per kept
+weight) and `levels` (a 3-bit level code per weight as bit planes; reads 2 bytes per kept weight + 3/8 per
+weight, ranks computed in registers). `pack_nested(..., index="both")` stores both and each tier reads the
+cheaper (`index_for`). One shared copy of values means the tiers' weights are W restricted to each mask:
+no per-tier merged LoRA (unmasked LoRA runs beside the sparse base). Not wired into the engine.
+
+Bytes per weight a tier's decode matmul reads ({NESTED_BYTES_SHAPE}, fp16 values, random per-row ranks as
+the engine's drop levels give; byte ceiling = 2 / bytes, the decode speedup bound vs dense fp16):
+
+{bytes_md}
+
+Stored for all tiers together:
+
+{stored_md}
+
+{speed} Largest relative error against `F.linear` on the masked dense weight: {max_err:.1e}. Every
+row also went to `bench_kernels_nested_{'gpu' if cuda else 'cpu'}.csv` / `.md` in the run's `--out` folder.
+
+{timing_md}
+"""
+
+
 def fmt(v: float | None, spec: str) -> str:
     return "not measured" if v is None else format(v, spec)
 
@@ -277,6 +447,10 @@ def main() -> None:
     parser.add_argument("--paths", action="store_true", help="also time the gemv and dot kernels separately")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the CSV and markdown")
     parser.add_argument("--rep-ms", type=int, default=40, help="timing budget per measurement (ms)")
+    parser.add_argument("--formats", choices=("classic", "nested", "all"), default="classic",
+                        help="classic: 2:4 and bitmap; nested: the nested-tier format; all: both")
+    parser.add_argument("--no-write", dest="write", action="store_false",
+                        help="leave docs/benchmarks.md alone (the nested section)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -298,14 +472,40 @@ def main() -> None:
                    "GPU kernels not measured")
     print(machine, flush=True)
     rows: list[Row] = []
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in shapes.items() if args.formats != "nested" else ():
         rows += bench_shape(name, n, k, ms, cuda, peak, args.rep_ms, args.paths)
         header = f"# Sparse linear kernels\n\n{machine}\n\n{summary(rows)}"
         write_outputs(rows, args.out, "gpu" if cuda else "cpu", header)  # after each shape: partial runs count
         if cuda:
             torch.cuda.empty_cache()
-    print(header)
-    print(f"wrote {args.out}/bench_kernels_{'gpu' if cuda else 'cpu'}.csv and .md")
+    if rows:
+        print(header)
+        print(f"wrote {args.out}/bench_kernels_{'gpu' if cuda else 'cpu'}.csv and .md")
+    if args.formats != "classic":
+        run_nested(args, shapes, ms, cuda, peak, machine)
+
+
+def run_nested(args: argparse.Namespace, shapes: dict, ms: list[int], cuda: bool, peak: float | None,
+               machine: str) -> None:
+    """Bytes tables, per-tier timings, outputs and the docs section of the nested-tier format."""
+    if not cuda:  # two-thread OpenMP teams on the 2-core CI VM swung 8-150 ms per reference call; one is stable
+        torch.set_num_threads(1)
+    bytes_md, stored_md = nested_bytes_tables(*SHAPES[NESTED_BYTES_SHAPE])
+    print(bytes_md + "\n\n" + stored_md, flush=True)
+    rows: list[Row] = []
+    for name, (n, k) in shapes.items():
+        rows += bench_nested_shape(name, n, k, ms, cuda, peak, args.rep_ms)
+        tag = f"nested_{'gpu' if cuda else 'cpu'}"
+        write_outputs(rows, args.out, tag, f"# Nested-tier format\n\n{machine}\n\n{nested_pivot(rows)}")
+        if cuda:
+            torch.cuda.empty_cache()
+    errs = [r.max_rel_err for r in rows if r.max_rel_err is not None]
+    where = machine if cuda else f"{machine_line()}; no GPU"
+    body = nested_section(where, cuda, bytes_md, stored_md, nested_pivot(rows), max(errs, default=0.0))
+    print(body)
+    if args.write:
+        write_section(DOCS / "benchmarks.md", "nested", body, "Benchmarks")
+        print(f"wrote the nested section of {DOCS / 'benchmarks.md'}")
 
 
 if __name__ == "__main__":

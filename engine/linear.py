@@ -99,12 +99,13 @@ class LinearMaps:
 
 
 def _csr_min_rows(sparsity: float) -> int | None:
-    """Rows from which CSR beats the dense masked matmul on a CPU (docs/benchmarks.md, "CPU: CSR vs dense"):
-    at 90% from 8 rows (1.4-2.0x), at 80% from 16 (1.3-1.5x); below 80% never."""
+    """Rows from which CSR beats the dense masked matmul (served column-major) on a CPU (docs/benchmarks.md,
+    "CPU: weight layout, and CSR vs dense"): at 90% from 8 rows (1.0-1.3x, 1.6-2.2x at 32-64), at 80% from
+    64 (1.1-1.2x); below 80% never."""
     if sparsity >= 0.9 - 1e-9:
         return 8
     if sparsity >= 0.8 - 1e-9:
-        return 16
+        return 64
     return None
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ._launch import KernelPath, interpreter_enabled
 from .formats import Packed24, PackedBitmap
+from .nested import PackedNested, linear_nested_reference
 from .reference import linear_24_reference, linear_bitmap_reference
 
 __all__ = ["Backend", "sparse_linear"]
@@ -21,29 +22,46 @@ Backend = Literal["auto", "triton", "torch"]
 
 def sparse_linear(
     x: torch.Tensor,
-    packed: Packed24 | PackedBitmap,
+    packed: Packed24 | PackedBitmap | PackedNested,
     bias: torch.Tensor | None = None,
     *,
     backend: Backend = "auto",
     path: KernelPath = "auto",
+    tier: int | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for a packed sparse W [N, K]. x: [..., K] -> y: [..., N] (dtype of x).
 
     backend: "auto" runs Triton when x is on CUDA and the torch reference otherwise; "triton" forces the
         kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch" forces the reference.
-    path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows).
+    path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows);
+        ``PackedNested`` has only the gemv kernel.
+    tier: which tier of a ``PackedNested`` (0 = sparsest) W is; required for it, not allowed otherwise.
     """
-    if not isinstance(packed, (Packed24, PackedBitmap)):
-        raise ValueError(f"packed must be a Packed24 or PackedBitmap, got {type(packed).__name__}")  # noqa: TRY004
+    if not isinstance(packed, (Packed24, PackedBitmap, PackedNested)):
+        kind = type(packed).__name__
+        raise ValueError(f"packed must be a Packed24, PackedBitmap or PackedNested, got {kind}")  # noqa: TRY004
+    if isinstance(packed, PackedNested):
+        if tier is None:
+            raise ValueError("a PackedNested weight needs tier= (0 = sparsest tier)")
+        packed.check_tier(tier)
+    elif tier is not None:
+        kind = type(packed).__name__
+        raise ValueError(f"tier= applies to PackedNested only, got tier={tier!r} for a {kind}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     if use_triton and not (x.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; x is on {x.device}")
     if not use_triton:
+        if isinstance(packed, PackedNested):
+            return linear_nested_reference(x, packed, tier, bias)
         if isinstance(packed, Packed24):
             return linear_24_reference(x, packed, bias)
         return linear_bitmap_reference(x, packed, bias)
+    if isinstance(packed, PackedNested):
+        from .triton_nested import linear_nested_triton
+
+        return linear_nested_triton(x, packed, tier, bias, path=path)
     if isinstance(packed, Packed24):
         from .triton_24 import linear_24_triton
 

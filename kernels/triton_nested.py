@@ -1,0 +1,214 @@
+"""Triton nested-tier sparse linear: y = x @ W_k.T (+ bias) with W in the ``PackedNested`` format.
+
+One launch serves any tier k; the tier is a runtime argument and only the prefix of each (row, tile)
+value run is read. A program owns BLOCK_N rows and all rows of x (up to 8; more rows tile the grid, each
+block re-reading the weight from L2), walks K one format tile at a time and accumulates fp32 partial
+products in a register tile reduced once after the loop (as ``triton_bitmap``). Two kernels, one per
+index (``PackedNested.index_for`` picks the one that reads fewer bytes):
+
+* ``cols`` (sparse tiers): per tile, the prefix length ``level_ends[k, n, t]`` of each row, then
+  BLOCK_J values and their uint8 columns per step while any row of the block has some left; x is gathered
+  at ``t * tile + col`` (x is small and stays in L1/L2). Work scales with the tier's kept weights.
+* ``levels`` (dense tiers): per tile, the P level-code planes of each row ([BLOCK_N, tile / 32, P] words)
+  are expanded to codes; a weight is kept iff code <= k. Its slot in the tile's level-major run is
+  ``start[level] + (same-level weights before it)``. Both counts come from one scan: each kept weight
+  contributes ``1 << (8 * level)`` to an int64, so an inclusive ``cumsum`` along the tile holds all
+  per-level running counts in 8-bit fields (<= tile <= 128, no carries); the per-level totals times
+  0x0101010101010101, shifted one field, are the exclusive per-level starts. The dense [BLOCK_N, tile]
+  tile then feeds fp32 FMAs, as in the bitmap kernel.
+
+GEMV only (decode): there is no tensor-core path, ``path="dot"`` is rejected. Reference:
+``nested.linear_nested_reference``. This module imports triton: ``dispatch`` imports it lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import KernelConfig, KernelPath, check_triton_device, flatten_rows, interpreter_enabled
+from ._triton_util import autotune_bench
+from .nested import PackedNested
+from .reference import check_linear_inputs
+
+__all__ = ["linear_nested_triton"]
+
+# Most rows of x one program serves (the weight is read once for all of them), as the other gemv kernels.
+GEMV_BLOCK_M = 8
+# Autotune candidates: (BLOCK_N, BLOCK_J, num_warps) for cols, (BLOCK_N, num_warps) for levels (the K step
+# is the format tile). Small row blocks keep N / BLOCK_N >= 256 programs at N = 4096.
+COLS_SHAPES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 64, 4), (16, 16, 4)]
+LEVELS_SHAPES = [(2, 4), (4, 4), (8, 4), (16, 8)]  # (16, 4) spills at BLOCK_M = 8 (ptxas, sm_90)
+
+
+def _cols_configs() -> list[triton.Config]:
+    if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=2) for bn, bj, w in COLS_SHAPES]
+
+
+def _levels_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2) for bn, w in LEVELS_SHAPES]
+
+
+@triton.jit
+def _gemv_cols_kernel(
+    x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, TIER,
+    HAS_BIAS: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # ends_ptr is level_ends[TIER]: [N, tiles] prefix lengths of this tier (TIER only keys the autotuning).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = (offs_m < M)[:, None, None]
+    n_tiles = tl.cdiv(K, TILE)
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
+    tile_rows = offs_n.to(tl.int64) * n_tiles
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BM, 1, 1]
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_J), dtype=tl.float32)
+    for t in range(n_tiles):
+        off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
+        length = tl.load(ends_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32)  # [BN] prefix lengths
+        start = (row_start + off)[:, None]  # [BN, 1]
+        for j0 in range(0, tl.max(length, axis=0), BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_mask = j[None, :] < length[:, None]  # [BN, BJ]
+            v = tl.load(values_ptr + start + j[None, :], mask=j_mask, other=0.0)
+            col = tl.load(cols_ptr + start + j[None, :], mask=j_mask, other=0).to(tl.int32)
+            xv = tl.load(x_rows + (t * TILE + col)[None, :, :], mask=m_mask & j_mask[None, :, :], other=0.0)
+            acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)  # [BM, BN, BJ]
+    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_mask = (offs_m < M)[:, None] & n_mask[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _expand_levels(planes_ptr, values_ptr, tile_start, offs_n, t, tier, N, n_words,
+                   TILE: tl.constexpr, NUM_PLANES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense tile W_tier[offs_n, t * TILE + c] as [BLOCK_N, TILE] (values dtype); tile_start: [BN] int64."""
+    BW: tl.constexpr = TILE // 32
+    w = t * BW + tl.arange(0, BW)
+    rows = offs_n.to(tl.int64)[:, None]
+    bit = tl.arange(0, 32)[None, None, :]
+    code = tl.zeros((BLOCK_N, BW, 32), dtype=tl.int32)
+    for p in tl.static_range(NUM_PLANES):
+        # rows past N read all-ones words: code 2**P - 1 >= T, never kept
+        word = tl.load(planes_ptr + (rows * n_words + w[None, :]) * NUM_PLANES + p, mask=(offs_n < N)[:, None],
+                       other=-1)
+        code |= ((word[:, :, None] >> bit) & 1) << p
+    code = tl.reshape(code, (BLOCK_N, TILE))  # input c of the tile = bit c % 32 of word c // 32
+    kept = code <= tier
+    shift = (8 * tl.where(kept, code, 0)).to(tl.int64)  # 8-bit field of the weight's level
+    one = tl.where(kept, tl.full((BLOCK_N, TILE), 1, dtype=tl.int64) << shift, 0)
+    before = tl.cumsum(one, axis=1) - one  # per-level counts of kept weights before each input
+    starts = (tl.sum(one, axis=1) * 0x0101010101010101) << 8  # [BN] field l: kept weights of level < l
+    slot = ((starts[:, None] + before) >> shift) & 0xFF
+    return tl.load(values_ptr + tile_start[:, None] + slot, mask=kept, other=0.0)
+
+
+@triton.jit
+def _gemv_levels_kernel(
+    x_ptr, values_ptr, planes_ptr, row_ptr, tile_off_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, TIER,
+    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, NUM_PLANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    n_tiles = tl.cdiv(K, TILE)
+    n_words = n_tiles * (TILE // 32)
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
+    tile_rows = offs_n.to(tl.int64) * n_tiles
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N, TILE), dtype=tl.float32)
+    for t in range(n_tiles):
+        off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
+        wt = _expand_levels(planes_ptr, values_ptr, row_start + off, offs_n, t, TIER, N, n_words,
+                            TILE, NUM_PLANES, BLOCK_N)
+        k = t * TILE + tl.arange(0, TILE)
+        x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)  # [BM, TILE]
+        acc3 += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
+    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_mask = (offs_m < M)[:, None] & n_mask[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# Autotuned entry points, one tuning per weight shape, row bucket (and tier for cols: its work follows the
+# tier's density); the raw kernels take explicit tiles.
+_gemv_cols_tuned = triton.autotune(
+    configs=_cols_configs(), key=["N", "K", "BLOCK_M", "TIER"], do_bench=autotune_bench
+)(_gemv_cols_kernel)
+_gemv_levels_tuned = triton.autotune(
+    configs=_levels_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench
+)(_gemv_levels_kernel)
+
+
+def linear_nested_triton(
+    x: torch.Tensor,
+    packed: PackedNested,
+    tier: int,
+    bias: torch.Tensor | None = None,
+    path: KernelPath = "auto",
+    index: Literal["auto", "cols", "levels"] = "auto",
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """y = x @ W_tier.T + bias with the Triton nested kernels. x: [..., K] -> y: [..., N] (dtype of x).
+
+    tier: 0 = sparsest. path: "auto" or "gemv" (the only kernel). index: "cols", "levels" or "auto"
+    (``packed.index_for(tier)``). config: tile override (tests, benchmarks); block_k is BLOCK_J for cols
+    and ignored for levels (the K step is the format tile).
+    """
+    check_linear_inputs(x, packed, bias)
+    check_triton_device(x)
+    packed.check_tier(tier)
+    if path not in ("auto", "gemv"):
+        raise ValueError(f"the nested format has only a gemv kernel: path must be 'auto' or 'gemv', "
+                         f"got {path!r}")
+    if index == "auto":
+        index = packed.index_for(tier)
+    elif index not in packed.indexes:
+        raise ValueError(f"index must be 'auto' or one stored in the pack {packed.indexes}, got {index!r}")
+    n, k = packed.shape
+    x2 = flatten_rows(x)  # [M, K]
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    if m == 0 or packed.tier_nnz[tier] == 0:
+        y.copy_(bias.to(x.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        return y.reshape(*x.shape[:-1], n)
+    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
+    block_m = config.block_m if config else min(GEMV_BLOCK_M, triton.next_power_of_2(m))
+    flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile, "BLOCK_M": block_m}
+    shape = (m, n, k, x2.stride(0), y.stride(0), tier)
+    if index == "cols":
+        ends = packed.level_ends[tier]  # [N, tiles]: the only slice of level_ends this tier reads
+        args = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
+        kernel, tuned = _gemv_cols_kernel, _gemv_cols_tuned
+        tile = {"BLOCK_J": config.block_k} if config else {}
+    else:
+        args = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
+        kernel, tuned, tile = _gemv_levels_kernel, _gemv_levels_tuned, {}
+        flags["NUM_PLANES"] = packed.num_planes
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
+        tuned[grid](*args, *shape, **flags)
+    else:
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+        kernel[grid](*args, *shape, **flags, **tile, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
+    return y.reshape(*x.shape[:-1], n)

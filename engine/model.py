@@ -53,25 +53,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               length: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               length: int, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, Hkv, T, D] at (slots [B], positions [B, T]); return the first `length` cached positions
-        of those slots. `rows`: the slots as a slice when they are consecutive, read as a view (no copy)."""
+        of those slots. `first`: set when the slots are `first, first + 1, ...`, read as a view (no copy)."""
         idx = (slots[:, None], slice(None), positions)  # advanced indices -> [B, T, Hkv, D]
         self.k[idx] = k.transpose(1, 2)
         self.v[idx] = v.transpose(1, 2)
-        if rows is not None:
+        if first is not None:
+            rows = slice(first, first + k.shape[0])
             return self.k[rows, :, :length], self.v[rows, :, :length]
         return self.k[slots, :, :length], self.v[slots, :, :length]
 
 
-def _as_range(slots: torch.Tensor) -> slice | None:
-    """`slots` [B] as a slice when they are consecutive ascending cache rows (checked on CPU only: on a GPU
-    the check would cost a device sync)."""
+def _first_of_range(slots: torch.Tensor) -> int | None:
+    """The first slot when `slots` [B] are consecutive ascending cache rows, else None (checked on CPU only:
+    on a GPU the check would cost a device sync)."""
     if slots.device.type != "cpu" or slots.numel() == 0:
         return None
     ids = slots.tolist()
-    first = ids[0]
-    return slice(first, first + len(ids)) if ids == list(range(first, first + len(ids))) else None
+    return ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else None
 
 
 class Attention(nn.Module):
@@ -87,7 +87,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int,
-                rows: slice | None = None) -> torch.Tensor:
+                first: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape  # x: [B, T, D]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         if slots is not None:
             if self.kv_cache is None:
                 raise RuntimeError("a KV cache slot was given but setup_cache() was not called")
-            k, v = self.kv_cache.update(slots, positions, k, v, kv_len, rows)  # [B, Hkv, S, Dh]
+            k, v = self.kv_cache.update(slots, positions, k, v, kv_len, first)  # [B, Hkv, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -123,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, positions, slots, kv_len, rows=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, slots, kv_len, rows)
+    def forward(self, x: torch.Tensor, cos, sin, mask, positions, slots, kv_len, first=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, slots, kv_len, first)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,12 +196,12 @@ class Transformer(nn.Module):
         if max_pos >= self._rope[0].shape[0]:
             raise ValueError(f"position {max_pos} exceeds the RoPE table ({self._rope[0].shape[0]} positions)")
         cos, sin = self._rope[0][positions], self._rope[1][positions]  # [B, T, Dh] fp32
-        rows = None
+        first = None
         if slots is None:
             kv_len = T
             mask = self._mask_rows(positions)
         else:
-            rows = _as_range(slots)
+            first = _first_of_range(slots)
             if max_pos >= self.max_seq_len:
                 raise ValueError(f"position {max_pos} exceeds the KV cache length {self.max_seq_len}")
             kv_len = max_pos + 1
@@ -209,7 +209,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, slots, kv_len, rows)
+            x = layer(x, cos, sin, mask, positions, slots, kv_len, first)
         x = self.model.norm(x)
         if logit_index is not None:
             x = x[torch.arange(B, device=x.device), logit_index]  # [B, D]

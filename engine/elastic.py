@@ -51,11 +51,16 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def choose_backend(requested: BackendChoice, device: torch.device) -> Backend:
-    """`auto`: triton on CUDA when triton imports, torch otherwise. `triton` needs CUDA."""
+    """`auto`: triton on CUDA when triton imports, torch otherwise (never triton off CUDA). `triton` needs
+    CUDA, or, for testing on a CPU, Triton's interpreter: TRITON_INTERPRET=1 set before the kernels are first
+    imported (kernels._launch.interpreter_enabled; tests/kernels/conftest.py)."""
     if requested not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be auto, torch or triton, got {requested!r}")
-    if requested == "triton" and device.type != "cuda":
-        raise ValueError(f"backend 'triton' needs a CUDA device, got device {device}")
+    from sparsedial.kernels._launch import interpreter_enabled  # no triton import
+
+    if requested == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to test it on a CPU), "
+                         f"got device {device}")
     if requested == "auto":
         if device.type != "cuda":
             return "torch"

@@ -179,6 +179,22 @@ def make_sets(n: int, k: int, count: int, dev: str, dtype: torch.dtype) -> tuple
     return sets, refs, note
 
 
+def timed_row(base: dict, fns: list[Callable[[], torch.Tensor]], ref: Callable[[], torch.Tensor] | None,
+              nbytes: int, peak: float | None, cuda: bool, rep_ms: int, note: str) -> Row:
+    """One measured row: error of fns[0] against `ref`, then time (CUDA graphs over the rotated weight sets on
+    a GPU, the first set eagerly on a CPU) and achieved GB/s for `nbytes` moved per call. A failing method is
+    reported in its row, not fatal."""
+    try:
+        err = rel_err(fns[0](), ref()) if ref is not None else None
+        us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
+    except Exception as exc:  # noqa: BLE001
+        return Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None, max_rel_err=None,
+                   note=f"n/a: {type(exc).__name__}: {exc}"[:120])
+    gbps = nbytes / (us * 1e-6) / 1e9
+    return Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None, speedup_vs_dense=None,
+               max_rel_err=err, note=(note + " " + mode).strip())
+
+
 def bench_shape(
     name: str, n: int, k: int, ms: list[int], cuda: bool, peak: float | None, rep_ms: int, paths: bool
 ) -> list[Row]:
@@ -204,16 +220,8 @@ def bench_shape(
                                 max_rel_err=None, note=note or "not measured"))
                 return
             fns = [make(ws, x) for ws, x in zip(sets, xs, strict=True)]  # noqa: B023
-            try:
-                err = rel_err(fns[0](), F.linear(xs[0], ref_w)) if ref_w is not None else None  # noqa: B023
-                us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
-            except Exception as exc:  # noqa: BLE001 -- a failing baseline is reported, not fatal
-                rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
-                                max_rel_err=None, note=f"n/a: {type(exc).__name__}: {exc}"[:120]))
-                return
-            gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9  # noqa: B023
-            rows.append(Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None,
-                            speedup_vs_dense=None, max_rel_err=err, note=(note + " " + mode).strip()))
+            ref = None if ref_w is None else (lambda: F.linear(xs[0], ref_w))  # noqa: B023
+            rows.append(timed_row(base, fns, ref, wbytes + io_bytes, peak, cuda, rep_ms, note))  # noqa: B023
 
         p24, bms = sets[0].p24, sets[0].bitmaps
         add("dense F.linear", lambda ws, x: lambda: F.linear(x, ws.w), dense_bytes, sets[0].w)
@@ -311,16 +319,8 @@ def bench_nested_shape(name: str, n: int, k: int, ms: list[int], cuda: bool, pea
             base = {"device": dev, "shape": name, "n": n, "k": k, "m": m,  # noqa: B023
                     "method": method, "byte_ceiling": dense_bytes / wbytes}
             fns = [make(ws, x) for ws, x in zip(sets, xs, strict=True)]  # noqa: B023
-            try:
-                err = rel_err(fns[0](), F.linear(xs[0], ref_w))  # noqa: B023
-                us, mode = time_gpu(fns) if cuda else (time_cpu(fns[0], rep_ms), "eager")
-            except Exception as exc:  # noqa: BLE001 -- a failing method is reported, not fatal
-                rows.append(Row(**base, us=None, gbps=None, frac_peak_bw=None, speedup_vs_dense=None,
-                                max_rel_err=None, note=f"n/a: {type(exc).__name__}: {exc}"[:120]))
-                return
-            gbps = (wbytes + io_bytes) / (us * 1e-6) / 1e9  # noqa: B023
-            rows.append(Row(**base, us=us, gbps=gbps, frac_peak_bw=gbps / peak if peak else None,
-                            speedup_vs_dense=None, max_rel_err=err, note=(note + " " + mode).strip()))
+            ref = lambda: F.linear(xs[0], ref_w)  # noqa: B023
+            rows.append(timed_row(base, fns, ref, wbytes + io_bytes, peak, cuda, rep_ms, note))  # noqa: B023
 
         measure("dense F.linear", lambda ws, x: lambda: F.linear(x, ws[0]), dense_bytes, sets[0][0])
         for tier, s in enumerate(NESTED_SPARSITIES):

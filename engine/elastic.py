@@ -61,15 +61,15 @@ def choose_backend(requested: BackendChoice, device: torch.device) -> Backend:
     if requested == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise ValueError(f"backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to test it on a CPU), "
                          f"got device {device}")
-    if requested == "auto":
-        if device.type != "cuda":
-            return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return requested
+    if requested == "torch" or requested == "auto" and device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if requested == "triton":
+            raise ValueError("backend 'triton' needs the triton package (pip install triton)") from None
+        return "torch"
+    return "triton"
 
 
 class ElasticModel:

@@ -4,6 +4,7 @@ resident tiers / LRU cache / memory budget, unmasked LoRA, packed (triton-format
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -121,3 +122,13 @@ def test_fast_drop_levels_equal_the_reference():
     for shape in [(7, 13), (5, 384), (3, 100), (4, 1)]:
         r = rank_from_scores(torch.rand(*shape))
         assert torch.equal(fast_drop_levels(r), drop_levels_from_rank(r))
+
+
+def test_triton_backend_without_the_triton_package(monkeypatch):
+    from sparsedial.engine.elastic import choose_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    with pytest.raises(ValueError, match="needs the triton package"):
+        choose_backend("triton", torch.device("cuda"))
+    assert choose_backend("auto", torch.device("cuda")) == "torch"
+    assert choose_backend("torch", torch.device("cuda")) == "torch"

@@ -128,7 +128,7 @@ def build_checkpoint(work: Path, shape: Shape, seed: int, device: torch.device) 
         if not stamp.is_file():
             raise ValueError(f"--work {work} is not empty and was not made by this script: not overwriting")
         shutil.rmtree(work)  # made here for another shape or seed
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     state = write_base(work, shape, seed, device)
     write_synthetic_tiers(work, shape, state, seed, device)
@@ -260,15 +260,16 @@ def engine_config(em: ElasticModel, batch: int, seq_len: int, plan: Plan) -> Eng
 
 
 def engine_decode(core: EngineCore, tier: str, prompts: list[list[int]], new: int, reps: int,
-                  tokens_out: dict | None = None) -> float:
-    """Best-of-reps decode tokens/s: B (new - 1) tokens after the last first token."""
+                  tokens_out: dict | None = None, key: object = "engine") -> float:
+    """Best-of-reps decode tokens/s: B (new - 1) tokens after the last first token. `tokens_out[key]`: the
+    first request's greedy tokens."""
     run_engine(core, prompts, 2, tier)  # warm-up (and Triton autotuning)
     best = 0.0
     for _ in range(reps):
         wall, first, gens = run_engine(core, prompts, new, tier)
         best = max(best, decode_rate(len(prompts) * (new - 1), wall - first))
     if tokens_out is not None:
-        tokens_out["engine"] = gens[0].token_ids
+        tokens_out[key] = gens[0].token_ids
     return best
 
 
@@ -336,10 +337,10 @@ def bench_backend(path: Path, backend: str, plan: Plan, res: Results, budget: Bu
         cfg = engine_config(em, b, plan.prompt_len + plan.new, plan)
         core = measure(lambda c=cfg: EngineCore(em, c), budget)
         for tier in plan.tiers:
-            out = tokens if (backend, tier, b) == ("torch", "dense", 1) else None
+            out = tokens if b == 1 else None  # batch 1: greedy tokens per (backend, tier), compared below
             cell = core if isinstance(core, str) else bad.get(tier) or measure(
-                lambda c=core, t=tier, p=prompts, o=out: engine_decode(c, t, p, plan.new, plan.reps, o),
-                budget)
+                lambda c=core, t=tier, p=prompts, o=out, k=(backend, tier):
+                engine_decode(c, t, p, plan.new, plan.reps, o, k), budget)
             res.put((backend, tier), f"batch {b}", cell)
     long_prompt = random_prompts(1, plan.ttft_len, plan.prompt_vocab, seed=512)[0]
     core = measure(lambda: EngineCore(em, engine_config(em, 1, plan.ttft_len + 2, plan)), budget)
@@ -435,11 +436,18 @@ def report(res: Results, plan: Plan, shape: Shape, tokens: dict) -> str:
            "memory: bytes a resident tier holds beyond the base weights.")
     lines = [f"Machine: {machine()}", model, how, ""]
     lines += table(res, plan) + [""]
-    if "engine" in tokens and "transformers" in tokens:
-        a, b = tokens["engine"], tokens["transformers"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        lines.append(f"- Dense greedy tokens at batch 1, sparsedial torch vs transformers: the first {same} "
-                     f"of {len(a)} agree ({dt} random weights: near-ties may flip later tokens).")
+    def agree(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    if ("torch", "dense") in tokens and "transformers" in tokens:
+        a = tokens["torch", "dense"]
+        lines.append(f"- Dense greedy tokens at batch 1, sparsedial torch vs transformers: the first "
+                     f"{agree(a, tokens['transformers'])} of {len(a)} agree ({dt} random weights: near-ties "
+                     "may flip later tokens).")
+    both = [t for t in plan.tiers if ("torch", t) in tokens and ("triton", t) in tokens]
+    if both:  # the triton backend's correctness at this scale: its greedy tokens against the torch backend's
+        lines.append("- Greedy tokens at batch 1, triton vs torch backend, leading tokens that agree: " + ", ".join(
+            f"{t} {agree(tokens['triton', t], tokens['torch', t])}/{len(tokens['torch', t])}" for t in both) + ".")
     ours, hf = res.cells.get(("torch", "dense"), {}), res.cells.get(("transformers generate()", "dense"), {})
     pairs = [(c, ours.get(c), hf.get(c)) for c in [f"batch {b}" for b in plan.batches] + ["ttft ms"]]
     ratios = [f"{c} {x / y:.2f}x" for c, x, y in pairs

@@ -27,6 +27,7 @@ import csv
 import math
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -445,13 +446,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, M in {1, 8, 32}")
     parser.add_argument("--paths", action="store_true", help="also time the gemv and dot kernels separately")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the CSV and markdown")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the CSV and markdown (default: docs/, or a temporary folder with "
+                             "--quick or --no-write, so a check never replaces the documented run)")
     parser.add_argument("--rep-ms", type=int, default=40, help="timing budget per measurement (ms)")
     parser.add_argument("--formats", choices=("classic", "nested", "all"), default="classic",
                         help="classic: 2:4 and bitmap; nested: the nested-tier format; all: both")
     parser.add_argument("--no-write", dest="write", action="store_false",
                         help="leave docs/benchmarks.md alone (the nested section)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path("docs") if args.write and not args.quick else Path(tempfile.mkdtemp(prefix="bench_kernels_"))
 
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)

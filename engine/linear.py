@@ -100,8 +100,8 @@ class LinearMaps:
 
 def _csr_min_rows(sparsity: float) -> int | None:
     """Rows from which CSR beats the dense masked matmul (served column-major) on a CPU (docs/benchmarks.md,
-    "CPU: weight layout, and CSR vs dense"): at 90% from 8 rows (1.0-1.3x, 1.6-2.2x at 32-64), at 80% from
-    64 (1.1-1.2x); below 80% never."""
+    "CPU: weight layout, and CSR vs dense"): at 90% from 8 rows (1.03-1.14x, 1.5-1.9x at 32-64), at 80%
+    from 64 (1.06-1.20x); below 80% never."""
     if sparsity >= 0.9 - 1e-9:
         return 8
     if sparsity >= 0.8 - 1e-9:
@@ -124,8 +124,10 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 def serving_layout(w: torch.Tensor) -> torch.Tensor:
     """`w` [out, in] as served: on a CPU in fp32, the same values stored column-major (a transposed view of a
     contiguous [in, out] tensor, no extra memory); elsewhere unchanged. MKL's sgemm computes `x @ W.T`
-    from that layout 1.3-2.3x faster at 4-32 rows and no slower at prefill sizes (docs/benchmarks.md,
-    "CPU: weight layout"); bf16 on CPU and every CUDA dtype gain nothing from it."""
+    from that layout faster at the 4-32 rows of a decode step (projections 1.25-1.7x, the LM head 1.8-2.2x
+    at 4-8 rows), about even at 1-2 and 64-512 rows except the LM head, 0.7-0.8x at 64-128 rows (it sees
+    one row per sequence when serving). docs/benchmarks.md, "CPU: weight layout"; bf16 keeps row-major
+    (no gain there), CUDA too."""
     if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
         return w.t().contiguous().t()
     return w
@@ -177,7 +179,7 @@ class ElasticLinear(nn.Module):
             return tw
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         if backend == "torch":
-            w = serving_layout(w)
+            w = serving_layout(w)  # merges from a relaid base come out column-major already; a guard
         tw = TierWeights(weight=w, nbytes=_nbytes(w))
         if spec.lora_mode == "unmasked":
             groups = active_lora_groups(spec, tier, maps.tensors, maps.name, maps.layer)

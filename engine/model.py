@@ -39,7 +39,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, H, T, D]; cos/sin: [B, T, D], sin with its first half negated (`Transformer.init_rope`), so
     HF's `rotate_half(x) * sin` is `roll(x, D/2) * sin` (bit-identical, one op instead of three)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):

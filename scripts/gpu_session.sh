@@ -17,18 +17,20 @@ export PYTHONPATH
 py=(timeout 570 python3 -P)  # -P: the checkout's own sparsedial/ must not shadow the linked package
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+rc=0  # a failing step (or the timeout, 124) still returns what it wrote
 case "$step" in
   tests)
-    "${py[@]}" -m pytest tests/kernels -m gpu -q -rs 2>&1 | tee /tmp/gpu_tests.log
+    "${py[@]}" -m pytest tests/kernels -m gpu -q -rs > /tmp/gpu_tests.log 2>&1 || rc=$?
+    cat /tmp/gpu_tests.log
     files=(/tmp/gpu_tests.log) ;;
   kernels)
-    "${py[@]}" benchmarks/bench_kernels.py --paths
+    "${py[@]}" benchmarks/bench_kernels.py --paths || rc=$?
     files=(docs/benchmarks.md docs/bench_kernels_gpu.csv docs/bench_kernels_gpu.md) ;;
   nested)
-    "${py[@]}" benchmarks/bench_kernels.py --formats nested
+    "${py[@]}" benchmarks/bench_kernels.py --formats nested || rc=$?
     files=(docs/benchmarks.md docs/bench_kernels_nested_gpu.csv docs/bench_kernels_nested_gpu.md) ;;
   engine)
-    "${py[@]}" benchmarks/bench_engine_gpu.py --work /tmp/bench-engine-gpu
+    "${py[@]}" benchmarks/bench_engine_gpu.py --work /tmp/bench-engine-gpu || rc=$?
     files=(docs/benchmarks.md docs/bench_engine_gpu.csv docs/bench_engine_gpu.md) ;;
   *)
     echo "usage: bash scripts/gpu_session.sh tests|kernels|nested|engine" >&2
@@ -39,3 +41,4 @@ if [[ -n "${OUT:-}" ]]; then
     if [[ -f "$f" ]]; then cp "$f" "$OUT/"; fi
   done
 fi
+exit "$rc"

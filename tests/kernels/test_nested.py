@@ -301,6 +301,26 @@ def test_kernel_empty_and_full_tiers(device: torch.device) -> None:
 
 
 @needs_triton
+def test_kernel_eight_tiers_top_level_counts(device: torch.device) -> None:
+    """8 tiers (the most): the levels kernel's per-level counts fill all eight 8-bit fields of its int64,
+    the top one up to the sign bit when every weight of a 128-wide tile sits at level 7."""
+    from sparsedial.kernels.triton_nested import linear_nested_triton
+
+    gen = torch.Generator().manual_seed(9)
+    w, x = torch.randn(16, 256, generator=gen), torch.randn(2, 256, generator=gen)
+    only_last = [torch.zeros(16, 256, dtype=torch.bool)] * 7 + [torch.ones(16, 256, dtype=torch.bool)]
+    rank = torch.rand(16, 256, generator=gen)
+    spread = [rank < (t + 1) / 8 for t in range(8)]  # random levels 0..7
+    for masks in (only_last, spread):
+        packed = pack_nested(w, masks, tile=128).to(device)
+        for tier in (0, 3, 7):
+            ref = x.double() @ (w.double() * masks[tier]).T
+            for index in ("cols", "levels"):
+                assert_matches(linear_nested_triton(x.to(device), packed, tier, None, index=index), ref,
+                               torch.float32)
+
+
+@needs_triton
 @pytest.mark.parametrize(("index", "tile"), [("cols", (8, 4, 16)), ("cols", (2, 8, 64)), ("levels", (4, 8, 64))],
                          ids=["cols_bm8_bj16", "cols_bm2_bj64", "levels_bm4"])
 def test_explicit_tiles(index: str, tile: tuple[int, int, int], device: torch.device) -> None:

@@ -50,3 +50,20 @@ def test_failures_and_budget_become_cells(bench):
     assert bench.measure(lambda: 1 / 0, bench.Budget.of(60)).startswith("error: ZeroDivisionError")
     assert bench.measure(lambda: 1.0, bench.Budget.of(0)) == bench.SKIPPED
     assert bench.fmt("error: x | y") == "error: x / y"  # a message cannot break the markdown table
+
+
+def test_smoke_triton_backend_tokens_agree_with_torch(tmp_path):
+    """The triton leg under Triton's CPU interpreter (a fresh process: the variable must be set before triton
+    is imported): its tiers load packed and its greedy tokens are compared with the torch backend's."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--backends", "torch,triton", "--tiers",
+                          "dense,50%,2:4", "--batches", "1", "--no-hf", "--work", str(tmp_path / "model"),
+                          "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if "triton vs torch backend" in x)
+    assert all(f"{tier} 2/2" in line for tier in ("dense", "50%", "2:4")), line

@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section
-from sparsedial.engine.elastic import ElasticModel, fast_drop_levels
+from sparsedial.engine.config import ModelConfig
+from sparsedial.engine.elastic import ElasticModel, synthetic_linear_maps
 from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     ElasticSpec,
@@ -51,10 +52,9 @@ from sparsedial.engine.elastic_format import (
     TierSpec,
     groups_for_nm,
     groups_for_sparsity,
-    pack_mask24,
-    rank_from_scores,
     write_elastic,
 )
+from sparsedial.engine.model import Transformer
 from sparsedial.engine.runner import EngineConfig, EngineCore
 from sparsedial.engine.sampling import SamplingParams
 
@@ -83,18 +83,10 @@ class Shape:
         return self.hidden // self.heads
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF tensor names -> shapes (untied LM head, as TinyLlama)."""
-        d, kv = self.hidden, self.kv_heads * self.head_dim
-        out = {"model.embed_tokens.weight": (self.vocab, d)}
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            out |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                    p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
-                    p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
-                    p + "mlp.gate_proj.weight": (self.intermediate, d),
-                    p + "mlp.up_proj.weight": (self.intermediate, d),
-                    p + "mlp.down_proj.weight": (d, self.intermediate)}
-        return out | {"model.norm.weight": (d,), "lm_head.weight": (self.vocab, d)}
+        """HF tensor names -> shapes (untied LM head, as TinyLlama), from the runtime's own decoder on meta."""
+        with torch.device("meta"):
+            model = Transformer(ModelConfig.from_hf(self.hf_config()))
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     @property
     def params(self) -> int:
@@ -159,8 +151,7 @@ def write_base(work: Path, shape: Shape, seed: int, device: torch.device) -> dic
 
 def write_synthetic_tiers(work: Path, shape: Shape, state: dict[str, torch.Tensor], seed: int,
                           device: torch.device, lora_rank: int = 8, lora_std: float = 0.02) -> None:
-    """elastic.safetensors + elastic.json: the maps of elastic.write_synthetic_elastic (scores |W| x U(0.5,
-    1.5) -> ranks -> drop levels; top-2-of-4 2:4 masks; random LoRA), computed on `device` per linear."""
+    """elastic.safetensors + elastic.json: elastic.synthetic_linear_maps per linear, computed on `device`."""
     groups = [LoraGroup(0, 0.0, 0.5, lora_rank), LoraGroup(1, 0.5, 0.7, lora_rank),
               LoraGroup(2, 0.7, 0.9, lora_rank), LoraGroup(3, 0.5, 0.5, lora_rank, nm=True)]
     tiers = [TierSpec("2:4", "nm", s, lora_groups=groups_for_nm(groups, s), n=2, m=4) if name == "2:4" else
@@ -171,20 +162,9 @@ def write_synthetic_tiers(work: Path, shape: Shape, state: dict[str, torch.Tenso
     g = torch.Generator(device=device).manual_seed(seed + 1)
     tensors: dict[str, torch.Tensor] = {}
     for i, name in enumerate(tqdm(linears, desc="synthetic elastic maps")):
-        w = state[f"{name}.weight"].to(device)
-        out_f, in_f = w.shape
-        scores = w.float().abs() * (0.5 + torch.rand(out_f, in_f, generator=g, device=device))
-        rank = rank_from_scores(scores)
-        with torch.device(device):  # fast_drop_levels makes its percent table with torch.tensor: same device
-            tensors[f"{name}.drop_level"] = fast_drop_levels(rank).cpu()
-        keep = scores.view(out_f, in_f // 4, 4).argsort(-1, descending=True).argsort(-1) < 2  # 2 of every 4
-        tensors[f"{name}.mask24"] = pack_mask24(keep.reshape(out_f, in_f)).cpu()
-        for grp in groups:
-            tensors[f"{name}.lora.{grp.index}.A"] = (torch.randn(grp.rank, in_f, generator=g, device=device)
-                                                     * lora_std).cpu()
-            tensors[f"{name}.lora.{grp.index}.B"] = (torch.randn(out_f, grp.rank, generator=g, device=device)
-                                                     * lora_std).cpu()
-        tensors[f"{name}.lora0_off"] = torch.tensor(i % 3 == 0, dtype=torch.uint8)  # some blocks opt out
+        maps = synthetic_linear_maps(name, state[f"{name}.weight"].to(device), groups, g, lora_std=lora_std,
+                                     lora0_off=i % 3 == 0)  # some blocks opt out of LoRA_0
+        tensors |= {k: v.cpu() for k, v in maps.items()}
     spec = ElasticSpec(tiers=tiers, groups=groups, linears=linears, importance="random", method="synthetic",
                        base_model="random Llama-shaped weights (benchmarks/bench_engine_gpu.py)")
     t0 = time.perf_counter()

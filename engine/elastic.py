@@ -282,6 +282,25 @@ def fast_drop_levels(rank: torch.Tensor) -> torch.Tensor:
     return torch.where(level > 100, NEVER_DROPPED, level).to(torch.uint8)
 
 
+def synthetic_linear_maps(name: str, w: torch.Tensor, groups: list[LoraGroup], g: torch.Generator, *,
+                          lora_std: float, with_24: bool = True, lora0_off: bool = False) -> dict[str, torch.Tensor]:
+    """Random-but-valid elastic maps of one linear `name` with weight `w` [out, in], computed on w's device
+    with generator `g` (same device): drop levels from |W| x U(0.5, 1.5), the top-2-of-4 2:4 mask of the same
+    scores, random LoRA factors per group, the LoRA_0 flag. Not a pruning method: tests and benchmarks only."""
+    out_f, in_f = w.shape
+    scores = w.float().abs() * (0.5 + torch.rand(out_f, in_f, generator=g, device=w.device))
+    with torch.device(w.device):  # fast_drop_levels builds its percent table with torch.tensor
+        maps = {f"{name}.drop_level": fast_drop_levels(rank_from_scores(scores))}
+    if with_24:
+        keep = scores.view(out_f, in_f // 4, 4).argsort(-1, descending=True).argsort(-1) < 2  # 2 of every 4
+        maps[f"{name}.mask24"] = pack_mask24(keep.reshape(out_f, in_f))
+    for grp in groups:
+        maps[f"{name}.lora.{grp.index}.A"] = torch.randn(grp.rank, in_f, generator=g, device=w.device) * lora_std
+        maps[f"{name}.lora.{grp.index}.B"] = torch.randn(out_f, grp.rank, generator=g, device=w.device) * lora_std
+    maps[f"{name}.lora0_off"] = torch.tensor(lora0_off, dtype=torch.uint8)
+    return maps
+
+
 def write_synthetic_elastic(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, lora_rank: int = 4,
                             lora_mode: Literal["masked", "unmasked"] = "masked", lora_std: float = 0.05,
                             with_24: bool = True) -> Path:
@@ -304,18 +323,8 @@ def write_synthetic_elastic(base_dir: str | Path, out_dir: str | Path, *, seed: 
     linears = [f"model.layers.{i}.{n}" for i in range(lm.config.num_hidden_layers) for n in LINEAR_NAMES]
     weights = dict(lm.model.named_parameters())
     for i, name in enumerate(linears):
-        w = weights[f"{name}.weight"]
-        out_f, in_f = w.shape
-        # magnitude with random jitter: valid nested masks that keep the model usable (not a pruning method)
-        scores = w.abs() * (0.5 + torch.rand(out_f, in_f, generator=g))
-        tensors[f"{name}.drop_level"] = fast_drop_levels(rank_from_scores(scores))
-        if with_24:
-            keep = scores.view(out_f, in_f // 4, 4).argsort(-1, descending=True).argsort(-1) < 2  # 2 of every 4
-            tensors[f"{name}.mask24"] = pack_mask24(keep.reshape(out_f, in_f))
-        for grp in groups:
-            tensors[f"{name}.lora.{grp.index}.A"] = torch.randn(grp.rank, in_f, generator=g) * lora_std
-            tensors[f"{name}.lora.{grp.index}.B"] = torch.randn(out_f, grp.rank, generator=g) * lora_std
-        tensors[f"{name}.lora0_off"] = torch.tensor(i % 3 == 0, dtype=torch.uint8)  # some blocks opt out
+        tensors |= synthetic_linear_maps(name, weights[f"{name}.weight"], groups, g, lora_std=lora_std,
+                                         with_24=with_24, lora0_off=i % 3 == 0)
     spec = ElasticSpec(tiers=tiers, groups=groups, linears=linears, lora_mode=lora_mode, importance="random",
                        method="synthetic", base_model=str(base_dir))
     write_elastic(out_dir, spec, tensors)

@@ -11,20 +11,25 @@ if it does not lower the error at s = 0.3.
 
 Our extensions: the 2:4 tier has its own group (on top of the groups up to 50%), two groups beyond
 70% (0.7-0.8, 0.8-0.9), and an `unmasked` mode where the delta is not masked (a low-rank path beside
-the sparse base at run time). The run resumes from the last finished block.
+the sparse base at run time). The run resumes from the last finished block whose files verify, so a
+kill at any point or a damaged file costs at most the blocks after it (see "resume folder" below).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     LoraGroup,
@@ -269,7 +274,8 @@ def _mix(layer, block, ctx, x_mix, masks, lora, cfg, gen) -> torch.Tensor:
 def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tensor, cfg: EPTSConfig,
                 work_dir: Path | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """Run EPTS over all blocks; returns the LoRA tensors (elastic.safetensors names). With `work_dir`,
-    each finished block is saved there and a rerun with the same config resumes after it."""
+    each finished block is saved there and a rerun with the same config resumes after the last block
+    whose files verify (layout and recovery: see _checkpoint and _resume)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = model.model.layers
     with torch.no_grad():
@@ -277,11 +283,12 @@ def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tens
     x_mix = x_dense.clone()
     ctx = BlockContext.build(model, calib_tokens.shape[1], x_dense.dtype)
     tensors: dict[str, torch.Tensor] = {}
-    start = _resume(work_dir, cfg, calib_tokens, tensors) if work_dir else 0
-    if start:
-        streams = load_file(work_dir / "streams.safetensors")
-        x_dense, x_mix = streams["x_dense"].to(x_dense.device), streams["x_mix"].to(x_dense.device)
-        gen.set_state(torch.load(work_dir / "rng.pt", weights_only=True))
+    start, state, files = 0, None, {}
+    if work_dir:
+        start, tensors, state, files = _resume(work_dir, cfg, calib_tokens)
+    if state is not None:
+        x_dense, x_mix = state["x_dense"].to(x_dense.device), state["x_mix"].to(x_dense.device)
+        gen.set_state(state["rng"])
     for b in tqdm(range(start, len(layers)), desc="EPTS", initial=start, total=len(layers), disable=not progress):
         layer = layers[b]
         y_dense = run_block(ctx, layer, x_dense)
@@ -292,7 +299,9 @@ def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tens
         block_tensors = {k: v.cpu() for k, v in lora.tensors(b).items()}
         tensors.update(block_tensors)
         if work_dir:
-            _checkpoint(work_dir, b, block_tensors, x_dense, x_mix, gen, cfg, calib_tokens)
+            state = {"x_dense": x_dense.contiguous().cpu(), "x_mix": x_mix.contiguous().cpu(),
+                     "rng": gen.get_state()}
+            files = _checkpoint(work_dir, b, block_tensors, state, files, _fingerprint(cfg, calib_tokens))
     return tensors
 
 
@@ -301,26 +310,217 @@ def _fingerprint(cfg: EPTSConfig, calib_tokens: torch.Tensor) -> dict:
             "calib_shape": list(calib_tokens.shape)}
 
 
-def _resume(work_dir: Path, cfg: EPTSConfig, calib_tokens: torch.Tensor, tensors: dict) -> int:
-    progress_file = work_dir / "progress.json"
-    if not progress_file.is_file():
-        return 0
-    state = json.loads(progress_file.read_text())
-    if state["fingerprint"] != _fingerprint(cfg, calib_tokens):
-        raise ValueError(f"{work_dir} holds an EPTS run with another config or calibration set; "
-                         "delete it or choose another --out")
-    for b in range(state["next_block"]):
-        tensors.update(load_file(work_dir / f"block{b}.safetensors"))
-    print(f"resuming EPTS at block {state['next_block']} from {work_dir}")
-    return state["next_block"]
+# ---- resume folder -------------------------------------------------------------------------------------
+# After block b the folder holds block0..b.safetensors (LoRA tensors), state{b-1} and state{b}.safetensors
+# (x_dense, x_mix and the RNG state as a uint8 tensor) and progress.json, the manifest: next_block = b + 1,
+# the fingerprint, and size + sha256 of each of those files. Every file is written to a temp file, fsynced
+# and renamed, so a name never holds half a file; the manifest is renamed only after the files it names are
+# durable, so it never points at data that is not there. Each safetensors file also carries its run id, its
+# block and a digest of its tensors in the header, so the files verify on their own when the manifest is
+# lost. A kill between the files and the manifest leaves the old manifest, which still names only
+# verified older files (state{b-1} is deleted only once the manifest naming state{b} is durable).
+
+MANIFEST = "progress.json"
+_FORMAT = 2
+_OWN_FILE = re.compile(r"^(?:(?:block|state)(\d+)\.safetensors|streams\.safetensors|rng\.pt|progress\.json)"
+                       r"(?:\.tmp)?$")  # also the pre-manifest layout (streams, rng.pt), to clean it up
 
 
-def _checkpoint(work_dir, b, block_tensors, x_dense, x_mix, gen, cfg, calib_tokens) -> None:
+def _block_name(b: int) -> str:
+    return f"block{b}.safetensors"
+
+
+def _state_name(b: int) -> str:
+    return f"state{b}.safetensors"
+
+
+def _run_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor], run_id: str, block: str) -> str:
+    """sha256 over the header's run id and block, and the tensors' names, dtypes, shapes and bytes: lets
+    a file verify itself without the manifest (a damaged run id reads as damage, not as another run)."""
+    h = hashlib.sha256(f"{run_id}|{block}|".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # a view, not a copy: states can be GBs
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the renames inside `path` durable (the rename lives in the directory, not the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: Path, path: Path) -> dict:
+    """fsync `tmp`, rename it onto `path`; returns the manifest entry (size, sha256) of its bytes."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    entry = {"size": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
+    os.replace(tmp, path)
+    return entry
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], run_id: str, block: int) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"run": run_id, "block": str(block), "digest": _tensor_digest(tensors, run_id, str(block))}
+    save_file(tensors, tmp, metadata=meta)
+    return _durable_replace(tmp, path)
+
+
+def _write_manifest(work_dir: Path, manifest: dict) -> None:
+    tmp = work_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    _durable_replace(tmp, work_dir / MANIFEST)
+    _fsync_dir(work_dir)
+
+
+def _prune(work_dir: Path, keep: set[str]) -> None:
+    """Delete our files the durable manifest does not name: older states, temp files, the old layout."""
+    for p in work_dir.iterdir():
+        if _OWN_FILE.match(p.name) and p.name not in keep | {MANIFEST}:
+            p.unlink(missing_ok=True)
+
+
+def _checkpoint(work_dir: Path, b: int, block_tensors: dict, state: dict, files: dict,
+                fingerprint: dict) -> dict:
+    """Writes block b's files, then the manifest naming them; returns the manifest's file entries.
+    `files`: the entries of the previous manifest (or of the files resume verified)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    save_file(block_tensors, work_dir / f"block{b}.safetensors")
-    save_file({"x_dense": x_dense.contiguous().cpu(), "x_mix": x_mix.contiguous().cpu()},
-              work_dir / "streams.safetensors")
-    torch.save(gen.get_state(), work_dir / "rng.pt")
-    tmp = work_dir / "progress.json.tmp"
-    tmp.write_text(json.dumps({"next_block": b + 1, "fingerprint": _fingerprint(cfg, calib_tokens)}))
-    tmp.replace(work_dir / "progress.json")  # atomic: progress never points at a half-written block
+    run_id = _run_id(fingerprint)
+    # state{b-1} stays named (and on disk) as the fallback in case state{b} is found damaged later
+    files = {n: e for n, e in files.items() if n.startswith("block") or n == _state_name(b - 1)}
+    files[_block_name(b)] = _write_tensors(work_dir / _block_name(b), block_tensors, run_id, b)
+    files[_state_name(b)] = _write_tensors(work_dir / _state_name(b), state, run_id, b)
+    _fsync_dir(work_dir)  # the new files' names are durable before a manifest names them
+    _write_manifest(work_dir, {"format": _FORMAT, "next_block": b + 1, "fingerprint": fingerprint,
+                               "files": files})
+    _prune(work_dir, set(files))
+    return files
+
+
+def _manifest_ok(m) -> bool:
+    """The manifest's shape: next_block >= 1 and a size + sha256 for each of our file names."""
+    if not (isinstance(m, dict) and m.get("format") == _FORMAT and isinstance(m.get("next_block"), int)
+            and m["next_block"] >= 1 and isinstance(m.get("files"), dict)):
+        return False
+    return all(_OWN_FILE.match(n) and n.endswith(".safetensors") and isinstance(e, dict)
+               and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+               for n, e in m["files"].items())
+
+
+def _read_manifest(work_dir: Path, fingerprint: dict) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, what is wrong with it). Another run's manifest raises ValueError."""
+    path = work_dir / MANIFEST
+    if not path.is_file():
+        return None, f"{MANIFEST} is missing"
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"{MANIFEST} is corrupt (invalid JSON)"
+    if isinstance(m, dict) and "fingerprint" in m and m["fingerprint"] != fingerprint:
+        raise _other_run(work_dir)
+    if not _manifest_ok(m):
+        return None, f"{MANIFEST} is corrupt (not an EPTS manifest of format {_FORMAT})"
+    return m, None
+
+
+def _other_run(work_dir: Path) -> ValueError:
+    return ValueError(f"{work_dir} holds an EPTS run with another config or calibration set; "
+                      "delete it or choose another --out")
+
+
+def _load_verified(path: Path, run_id: str, block: int,
+                   entry: dict | None) -> tuple[dict | None, dict, str]:
+    """(tensors, its manifest entry, "") if `path` is intact, else (None, {}, why). `entry`: the
+    manifest's size + sha256, which cover every byte; without one (manifest lost) the header's tensor
+    digest is checked instead."""
+    if not path.is_file():
+        return None, {}, "missing"
+    found = {"size": path.stat().st_size, "sha256": _file_sha256(path)}
+    if entry is not None and found != {"size": entry["size"], "sha256": entry["sha256"]}:
+        return None, {}, "corrupt (sha256 mismatch)"
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            names = f.keys()
+            tensors = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError, ValueError):  # truncated or garbage: unusable, not fatal
+        return None, {}, "corrupt (unreadable)"
+    run, held = meta.get("run", ""), meta.get("block", "")
+    if entry is None and meta.get("digest") != _tensor_digest(tensors, run, held):
+        return None, {}, "corrupt (digest mismatch)"
+    if run != run_id:  # intact, but written by a run with another fingerprint
+        raise _other_run(path.parent)
+    if held != str(block):
+        return None, {}, f"corrupt (holds block {held})"
+    return tensors, found, ""
+
+
+def _newest_state_on_disk(work_dir: Path) -> int:
+    """Highest b with a state{b} file, -1 if none: where a lost manifest's successor could point."""
+    found = [int(m.group(1)) for p in work_dir.iterdir()
+             if (m := _OWN_FILE.match(p.name)) and p.name.startswith("state") and not p.name.endswith(".tmp")]
+    return max(found, default=-1)
+
+
+def _last_good(work_dir: Path, run_id: str, claimed: int,
+               expect: dict) -> tuple[int, dict, dict | None, dict, list]:
+    """Largest k <= claimed with block0..k-1 and state{k-1} all verifying: (k, their LoRA tensors, the
+    state, the files' entries, the problems found on the way)."""
+    blocks, files, problems = [], {}, []
+    for b in range(claimed):
+        name = _block_name(b)
+        t, files[name], why = _load_verified(work_dir / name, run_id, b, expect.get(name))
+        if t is None:
+            problems.append(f"{name} is {why}")
+            break
+        blocks.append(t)
+    for k in range(len(blocks), 0, -1):
+        name = _state_name(k - 1)
+        state, entry, why = _load_verified(work_dir / name, run_id, k - 1, expect.get(name))
+        if state is not None:
+            files = {_block_name(b): files[_block_name(b)] for b in range(k)} | {name: entry}
+            return k, {n: v for t in blocks[:k] for n, v in t.items()}, state, files, problems
+        problems.append(f"{name} is {why}")
+    return 0, {}, None, {}, problems
+
+
+def _resume(work_dir: Path, cfg: EPTSConfig,
+            calib_tokens: torch.Tensor) -> tuple[int, dict, dict | None, dict]:
+    """(first block to train, LoRA tensors of the blocks before it, their state or None, the verified
+    files' entries). Trusts only files that verify; prints one line when it resumes or falls back."""
+    if not work_dir.is_dir():
+        return 0, {}, None, {}
+    fingerprint = _fingerprint(cfg, calib_tokens)
+    manifest, problem = _read_manifest(work_dir, fingerprint)
+    if manifest is None and not any(_OWN_FILE.match(p.name) for p in work_dir.iterdir()):
+        return 0, {}, None, {}  # a fresh folder: nothing to resume, nothing to report
+    # without a manifest the newest state on disk is the best candidate; its files verify on their own
+    claimed = manifest["next_block"] if manifest else _newest_state_on_disk(work_dir) + 1
+    k, tensors, state, files, problems = _last_good(work_dir, _run_id(fingerprint), claimed,
+                                                    manifest["files"] if manifest else {})
+    problems = ([problem] if problem else []) + problems
+    if not problems:
+        print(f"resuming EPTS at block {k} from {work_dir}")
+    elif k:
+        print(f"resume: {'; '.join(problems[:2])}; restarting at block {k} from the verified state after "
+              f"block {k - 1} in {work_dir}")
+    else:
+        print(f"resume: {'; '.join(problems[:2])}; nothing verifies, restarting from scratch in {work_dir}")
+    return k, tensors, state, files

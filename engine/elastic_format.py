@@ -12,6 +12,7 @@ Layout (DESIGN.md section 2, safetensors only, no pickle):
         <name>.lora.<g>.B   [out, r_g]
         <name>.lora0_off    uint8 []          1 = LoRA group 0 disabled for this block at s <= lora0_off_below
     elastic.json                                           ElasticSpec below, plus sha256 of every file
+                                                           (`files`) and of itself (`spec_sha256`)
 
 Nested masks from a per-row rank r (0 = most important) keep `keep(s) = max(1, int(in * (1 - s)))` weights,
 so the weight is pruned at s exactly when r >= keep(s). Storing the first integer percent at which that
@@ -20,6 +21,16 @@ kept at p% <=> drop_level > p.
 
 A tier's merged weight (masked LoRA mode, EPTS):  W_t = (W + sum_{g in tier.lora_groups} B_g A_g) * M_t.
 In unmasked mode the delta runs beside the sparse base at run time: y = x (W * M_t)^T + x A^T B^T.
+
+Integrity (read_elastic). elastic.json is checked against its schema (engine/elastic_schema.py) and must
+carry its integrity data: `files` (name -> sha256, never empty; it must cover config.json,
+elastic.safetensors and the base weights the loader reads) and `spec_sha256`, the sha256 of the document
+without that field serialized canonically (`canonical_json`), so a hand edit is detected; re-seal a
+deliberate edit with `write_elastic_json`. The seal is integrity, not authenticity: whoever can write the
+folder can re-seal it, which is why the schema and the tensor checks run regardless. Listed files must lie
+inside the checkpoint folder; the base weights (`base_weights`) inside it or under its parent folder (a
+sibling base model, as ../stdlib-tiny/model.safetensors), after resolving symlinks and `..`, unless the
+caller passes allow_external_base=True. Every floating-point tensor must be finite.
 """
 
 from __future__ import annotations
@@ -36,9 +47,16 @@ from safetensors.torch import save_file
 
 from sparsedial.errors import ModelLoadError
 
+from .elastic_schema import SpecError, validate_spec
+from .elastic_schema import found as found_text
+
 FORMAT_NAME = "sparsedial-elastic"
 FORMAT_VERSION = 1
 NEVER_DROPPED = 255
+SPEC_HASH = "spec_sha256"
+INTEGRITY_FIELDS = ("files", SPEC_HASH)
+REQUIRED_FILES = ("config.json", "elastic.safetensors")  # plus the base weights
+_SHA256_HEX = frozenset("0123456789abcdef")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 TierKind = Literal["dense", "unstructured", "nm"]
@@ -112,14 +130,15 @@ class ElasticSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> ElasticSpec:
-        d = dict(d)
-        d["tiers"] = [TierSpec(**{**t, "lora_groups": tuple(t.get("lora_groups", ())),
-                                  "schedule": tuple(t["schedule"]) if t.get("schedule") else None})
-                      for t in d["tiers"]]
-        d["groups"] = [LoraGroup(**g) for g in d["groups"]]
-        d.pop("files", None)
-        return cls(**d)
+    def from_json(cls, d: dict, n_layers: int | None = None) -> ElasticSpec:
+        """Validate against the schema (elastic_schema; raises SpecError naming the JSON path) and build.
+        `n_layers` (the model's decoder block count) also checks schedule lengths. The integrity fields are
+        read_elastic's business and are ignored here."""
+        doc = validate_spec({k: v for k, v in d.items() if k not in INTEGRITY_FIELDS}, n_layers)
+        tiers = [TierSpec(t.name, t.kind, t.sparsity, tuple(t.lora_groups), t.n, t.m,
+                          tuple(t.schedule) if t.schedule else None) for t in doc.tiers]
+        groups = [LoraGroup(g.index, g.low, g.high, g.rank, g.nm) for g in doc.groups]
+        return cls(tiers=tiers, groups=groups, **doc.model_dump(exclude={"tiers", "groups"}))
 
 
 # ------------------------------------------------------------------------------------------- mask math
@@ -182,46 +201,181 @@ def write_elastic(out_dir: Path, spec: ElasticSpec, tensors: dict[str, torch.Ten
         hashed.append(spec.base_weights)
     doc = spec.to_json()
     doc["files"] = {name: _sha256(out_dir / name) for name in hashed}
-    (out_dir / "elastic.json").write_text(json.dumps(doc, indent=2))
+    write_elastic_json(out_dir, doc)
+
+
+def canonical_json(doc: dict) -> str:
+    """The text `spec_sha256` hashes: the document less that field, keys sorted, no whitespace."""
+    return json.dumps({k: v for k, v in doc.items() if k != SPEC_HASH}, sort_keys=True, separators=(",", ":"))
+
+
+def spec_digest(doc: dict) -> str:
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def write_elastic_json(out_dir: Path, doc: dict) -> None:
+    """Write `doc` as `out_dir`/elastic.json, sealed with a fresh `spec_sha256`. write_elastic ends here;
+    call it directly to re-seal metadata changed on purpose (a moved checkpoint, or one written before the
+    seal existed): `write_elastic_json(d, json.loads((d / "elastic.json").read_text()))`."""
+    doc = json.loads(json.dumps(doc))  # as a reader will see it (tuples -> lists, int keys -> str)
+    doc[SPEC_HASH] = spec_digest(doc)
+    (Path(out_dir) / "elastic.json").write_text(json.dumps(doc, indent=2))
 
 
 def is_elastic(model_dir: Path) -> bool:
     return (Path(model_dir) / "elastic.json").is_file()
 
 
-def read_elastic(model_dir: Path, verify_hashes: bool = True) -> tuple[ElasticSpec, dict[str, torch.Tensor]]:
-    """Read and validate elastic.json + elastic.safetensors; raise ModelLoadError naming the first problem."""
+def read_elastic(model_dir: Path, verify_hashes: bool = True, *,
+                 allow_external_base: bool = False) -> tuple[ElasticSpec, dict[str, torch.Tensor]]:
+    """Read and validate elastic.json + elastic.safetensors; raise ModelLoadError naming the first problem.
+
+    Checks, in order: format and version; the seal (`spec_sha256`); the schema; the integrity data
+    (`files` present, covering what is loaded, every name inside the checkpoint, the base weights inside it
+    or its parent folder unless `allow_external_base`); the listed files' sha256 (skipped when
+    `verify_hashes` is False: that is the costly part, hashing every weight file; the other checks always
+    run); every floating-point tensor of elastic.safetensors finite."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "elastic.json"
-    if not meta_path.is_file():
-        raise ModelLoadError(f"{model_dir}: not an elastic checkpoint (no elastic.json)")
+    doc = _read_doc(meta_path)
+    _check_seal(doc, meta_path)
     try:
-        doc = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{meta_path}: not valid JSON ({e})") from None
-    if doc.get("format") != FORMAT_NAME:
-        raise ModelLoadError(f"{meta_path}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    if doc.get("version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{meta_path}: format version {doc.get('version')!r} is not supported "
-                             f"(this sparsedial reads version {FORMAT_VERSION})")
+        spec = ElasticSpec.from_json(doc, n_layers=_num_layers(model_dir))
+    except SpecError as e:
+        raise ModelLoadError(f"{meta_path}: {e}") from None
+    files = _listed_files(doc, meta_path)
+    _check_file_names(model_dir, spec, files, allow_external_base)
     if verify_hashes:
-        for name, digest in (doc.get("files") or {}).items():
+        for name, digest in files.items():
             path = model_dir / name
             if not path.is_file():
                 raise ModelLoadError(f"{path}: listed in elastic.json but missing")
             if _sha256(path) != digest:
                 raise ModelLoadError(f"{path}: sha256 does not match elastic.json (file changed or corrupt)")
+    return spec, _read_tensors(model_dir / "elastic.safetensors")
+
+
+def _read_doc(meta_path: Path) -> dict:
+    if not meta_path.is_file():
+        raise ModelLoadError(f"{meta_path.parent}: not an elastic checkpoint (no elastic.json)")
     try:
-        spec = ElasticSpec.from_json(doc)
-    except (TypeError, KeyError) as e:
-        raise ModelLoadError(f"{meta_path}: malformed spec ({e})") from None
-    path = model_dir / "elastic.safetensors"
+        doc = json.loads(meta_path.read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurd nesting
+        raise ModelLoadError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"{meta_path}: expected a JSON object, found {type(doc).__name__}")
+    if doc.get("format") != FORMAT_NAME:
+        raise ModelLoadError(f"{meta_path}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    if doc.get("version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{meta_path}: format version {doc.get('version')!r} is not supported "
+                             f"(this sparsedial reads version {FORMAT_VERSION})")
+    return doc
+
+
+def _check_seal(doc: dict, meta_path: Path) -> None:
+    stored = doc.get(SPEC_HASH)
+    if stored is None:
+        raise ModelLoadError(f"{meta_path}: {SPEC_HASH}: missing, so edits cannot be detected (written before "
+                             f"sparsedial sealed elastic.json? re-seal it with elastic_format.write_elastic_json)")
+    actual = spec_digest(doc)
+    if stored != actual:
+        raise ModelLoadError(f"{meta_path}: {SPEC_HASH}: expected {actual}, found {found_text(stored)}: "
+                             f"elastic.json was edited after it was written")
+
+
+def _listed_files(doc: dict, meta_path: Path) -> dict[str, str]:
+    files = doc.get("files")
+    if not files:  # missing, null or empty: nothing would be verified
+        raise ModelLoadError(f"{meta_path}: files: missing or empty, so the checkpoint has no integrity data "
+                             f"(expected a sha256 per file)")
+    if not isinstance(files, dict):
+        raise ModelLoadError(f"{meta_path}: files: expected an object of name -> sha256, found "
+                             f"{type(files).__name__}")
+    for name, digest in files.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+            raise ModelLoadError(f"{meta_path}: files[{name!r}]: expected a sha256 hex digest (64 characters "
+                                 f"0-9a-f), found {found_text(digest)}")
+    return files
+
+
+def _check_file_names(model_dir: Path, spec: ElasticSpec, files: dict[str, str],
+                      allow_external_base: bool) -> None:
+    """Listed names stay inside the checkpoint (the base weights: see resolve_base_weights), and the files
+    that are loaded are listed."""
+    meta_path = model_dir / "elastic.json"
+    resolve_base_weights(model_dir, spec.base_weights, allow_external_base)
+    home = model_dir.resolve()
+    for name in files:
+        if name == spec.base_weights:
+            continue
+        real = _resolve(model_dir / name, f"{meta_path}: files[{name!r}]")
+        if not real.is_relative_to(home):
+            raise ModelLoadError(f"{meta_path}: files[{name!r}]: expected a file inside the checkpoint folder "
+                                 f"{model_dir}, found {real} (outside the checkpoint folder)")
+    # the loader prefers a local model.safetensors over base_weights (loader.base_weights_path)
+    base = "model.safetensors" if (model_dir / "model.safetensors").is_file() else spec.base_weights
+    for name in (*REQUIRED_FILES, base):
+        if name not in files:
+            raise ModelLoadError(f"{meta_path}: files: no sha256 for {name!r}, which is loaded (expected "
+                                 f"one per file of the checkpoint)")
+
+
+def resolve_base_weights(model_dir: Path, name: object, allow_external_base: bool = False) -> Path:
+    """`model_dir` / `name` (elastic.json's base_weights), which must resolve (symlinks, `..`) inside the
+    checkpoint folder or under its parent folder, unless `allow_external_base`: a checkpoint from elsewhere
+    must not make sparsedial read (and report on) arbitrary files."""
+    meta_path = Path(model_dir) / "elastic.json"
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"{meta_path}: base_weights: expected a file name, found {found_text(name)}")
+    path = Path(model_dir) / name
+    if allow_external_base:
+        return path
+    allowed = Path(model_dir).resolve().parent
+    real = _resolve(path, f"{meta_path}: base_weights")
+    if not real.is_relative_to(allowed):
+        raise ModelLoadError(f"{meta_path}: base_weights: expected a file inside {allowed} (the checkpoint "
+                             f"folder's parent), found {name!r} -> {real}; pass allow_external_base=True to "
+                             f"load it")
+    return path
+
+
+def _resolve(path: Path, where: str) -> Path:
+    """path.resolve(), whose errors on hostile names (a NUL byte, a symlink loop) become ModelLoadError."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{where}: expected a file name, found {found_text(str(path))} ({e})") from None
+
+
+def _num_layers(model_dir: Path) -> int:
+    """num_hidden_layers of the checkpoint's config.json (schedules have one entry per decoder block)."""
+    path = model_dir / "config.json"
+    try:
+        n = json.loads(path.read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path}: missing or not a JSON object ({e})") from None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ModelLoadError(f"{path}: num_hidden_layers: expected a positive integer, found {found_text(n)}")
+    return n
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-    return spec, tensors
+    for key, t in tensors.items():
+        check_finite(t, key, path)
+    return tensors
+
+
+def check_finite(t: torch.Tensor, key: str, path: Path) -> None:
+    """NaN/inf weights load fine and poison every logit later: refuse them here, naming the tensor."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ModelLoadError(f"{path}: tensor {key!r}: expected finite values, found {bad} NaN/inf "
+                             f"of {t.numel()}")
 
 
 def validate_tensors(spec: ElasticSpec, tensors: dict[str, torch.Tensor],

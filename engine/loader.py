@@ -2,7 +2,13 @@
 
 The model is built on the meta device (no memory, no init cost), every tensor is read from safetensors
 (single file or sharded with an index), checked against the expected name and shape, converted to the
-requested dtype and assigned. Problems raise `ModelLoadError` naming the file and tensor.
+requested dtype and assigned. Problems raise `ModelLoadError` naming the file and tensor; that includes a
+NaN/inf value in a floating-point weight (checked once per tensor at load: cheap next to reading it, and
+otherwise it surfaces as garbage or a crash during generation).
+
+An elastic checkpoint may keep its base weights elsewhere (elastic.json's `base_weights`): they must lie in
+its folder or under its parent folder unless the caller passes `allow_external_base=True`
+(elastic_format.resolve_base_weights).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from sparsedial.errors import ModelLoadError
 
 from .config import ModelConfig
+from .elastic_format import check_finite, resolve_base_weights
 from .model import Transformer
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -58,15 +65,17 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
         raise ModelLoadError(f"{path}: missing (a Hugging Face model directory needs config.json)")
     try:
         hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurd nesting
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(hf).__name__}")
     return hf, ModelConfig.from_hf(hf)
 
 
-def weight_files(model_dir: Path) -> dict[str, Path]:
+def weight_files(model_dir: Path, allow_external_base: bool = False) -> dict[str, Path]:
     """Map each tensor name to its safetensors file (single file, or the shards an index names)."""
     index = model_dir / "model.safetensors.index.json"
-    single = base_weights_path(model_dir)
+    single = base_weights_path(model_dir, allow_external_base=allow_external_base)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -84,14 +93,19 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     raise ModelLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def base_weights_path(model_dir: Path) -> Path:
-    """`model.safetensors`, unless an elastic checkpoint's elastic.json points at its base weights elsewhere."""
+def base_weights_path(model_dir: Path, allow_external_base: bool = False) -> Path:
+    """`model.safetensors`, unless an elastic checkpoint's elastic.json points at its base weights elsewhere
+    (inside its parent folder, or anywhere with `allow_external_base`)."""
+    model_dir = Path(model_dir)
     meta = model_dir / "elastic.json"
     if meta.is_file() and not (model_dir / "model.safetensors").is_file():
         try:
-            return model_dir / json.loads(meta.read_text()).get("base_weights", "model.safetensors")
-        except json.JSONDecodeError as e:
+            doc = json.loads(meta.read_text())
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurd nesting
             raise ModelLoadError(f"{meta}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ModelLoadError(f"{meta}: expected a JSON object, found {type(doc).__name__}")
+        return resolve_base_weights(model_dir, doc.get("base_weights", "model.safetensors"), allow_external_base)
     return model_dir / "model.safetensors"
 
 
@@ -104,9 +118,10 @@ def _tensor_names(path: Path) -> list[str]:
 
 
 def load_state_dict(model_dir: Path, expected: dict[str, torch.Size], dtype: torch.dtype,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """Read every expected tensor, checking presence and shape; unknown tensors are an error too."""
-    files = weight_files(model_dir)
+                    device: torch.device, allow_external_base: bool = False) -> dict[str, torch.Tensor]:
+    """Read every expected tensor, checking presence, shape and finite values; unknown tensors are an error
+    too."""
+    files = weight_files(model_dir, allow_external_base=allow_external_base)
     unknown = sorted(n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
     if unknown:
         raise ModelLoadError(f"{files[unknown[0]]}: unexpected tensor {unknown[0]!r} "
@@ -126,6 +141,7 @@ def load_state_dict(model_dir: Path, expected: dict[str, torch.Size], dtype: tor
                     if t.shape != expected[name]:
                         raise ModelLoadError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, "
                                              f"expected {tuple(expected[name])}")
+                    check_finite(t, name, path)  # in the file's dtype: a later cast's overflow is not the file's
                     state[name] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
@@ -133,8 +149,9 @@ def load_state_dict(model_dir: Path, expected: dict[str, torch.Size], dtype: tor
 
 
 def load_model(model_dir: str | Path, dtype: DType | torch.dtype = "auto", device: str | torch.device = "cpu",
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Load `model_dir` (HF layout) into a `Transformer` on `device`, in eval mode."""
+               with_tokenizer: bool = True, allow_external_base: bool = False) -> LoadedModel:
+    """Load `model_dir` (HF layout) into a `Transformer` on `device`, in eval mode. `allow_external_base`:
+    an elastic checkpoint's base weights may lie outside its parent folder (see the module docstring)."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     hf, cfg = read_config(model_dir)
@@ -144,7 +161,7 @@ def load_model(model_dir: str | Path, dtype: DType | torch.dtype = "auto", devic
     expected = {n: p.shape for n, p in model.named_parameters()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    state = load_state_dict(model_dir, expected, torch_dtype, device)
+    state = load_state_dict(model_dir, expected, torch_dtype, device, allow_external_base=allow_external_base)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -14,7 +14,13 @@ from sparsedial.compress.epts import EPTSConfig, reconstruct
 from sparsedial.compress.export import export_tier_hf, load_elastic_for_eval, tier_weights
 from sparsedial.compress.nested import build_nested, dense_input_norms
 from sparsedial.compress.pipeline import compress_epts
-from sparsedial.engine.elastic_format import LINEAR_NAMES, keep_count, read_elastic, unpack_mask24
+from sparsedial.engine.elastic_format import (
+    LINEAR_NAMES,
+    keep_count,
+    read_elastic,
+    unpack_mask24,
+    write_elastic_json,
+)
 from sparsedial.engine.loader import load_model
 
 from sparsedial.cli import main
@@ -110,7 +116,7 @@ def test_load_rejects_tampered_checkpoints(elastic_dir, tmp_path, damage):
     else:
         meta["linears"].append("model.layers.7.mlp.up_proj")
         match = "names linear 'model.layers.7.mlp.up_proj', which the base model lacks"
-    (bad / "elastic.json").write_text(json.dumps(meta))
+    write_elastic_json(bad, meta)  # re-sealed: the check under test fires, not the edit detection
     with pytest.raises(ModelLoadError, match=match):
         load_elastic_for_eval(bad)
 

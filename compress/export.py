@@ -22,6 +22,7 @@ from sparsedial.engine.elastic_format import (
     tier_delta,
     validate_tensors,
     write_elastic,
+    write_elastic_json,
 )
 from sparsedial.engine.loader import LoadedModel, load_model
 from sparsedial.engine.model import Transformer
@@ -113,11 +114,11 @@ def tier_weights(model: Transformer, spec: ElasticSpec, tensors: dict[str, torch
                     layer.get_submodule(short).weight.data = saved[name]
 
 
-def load_elastic_for_eval(model_dir: Path, dtype="float32", device="cpu", loaded: LoadedModel | None = None
-                          ) -> tuple[LoadedModel, ElasticSpec, dict[str, torch.Tensor]]:
+def load_elastic_for_eval(model_dir: Path, dtype="float32", device="cpu", loaded: LoadedModel | None = None,
+                          allow_external_base: bool = False) -> tuple[LoadedModel, ElasticSpec, dict[str, torch.Tensor]]:
     """The base model (`loaded`, or loaded here) plus the validated elastic state (evaluation, export)."""
-    lm = loaded or load_model(model_dir, dtype=dtype, device=device)
-    spec, tensors = read_elastic(model_dir)
+    lm = loaded or load_model(model_dir, dtype=dtype, device=device, allow_external_base=allow_external_base)
+    spec, tensors = read_elastic(model_dir, allow_external_base=allow_external_base)
     shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters() if n.endswith(".weight")}
     validate_tensors(spec, tensors, {n[: -len(".weight")]: s for n, s in shapes.items()}, model_dir)
     tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -165,4 +166,4 @@ def move_elastic(src: Path, dst: Path) -> None:
         new = os.path.relpath((src / old).resolve(), dst.resolve())
         doc["files"][new] = doc["files"].pop(old)
         doc["base_weights"] = new
-    (dst / "elastic.json").write_text(json.dumps(doc, indent=2))
+    write_elastic_json(dst, doc)  # re-sealed: the moved base path is a deliberate edit

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,9 @@ from .elastic import ElasticModel
 from .linear import TierPlan
 from .runner import EngineConfig, EngineCore
 from .sampling import SamplingParams, TextStream
+from .tier_builder import TierBuilder
 
+log = logging.getLogger("sparsedial.engine")
 Job = tuple[concurrent.futures.Future, Callable[[], Any]]
 
 
@@ -103,7 +106,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._jobs: deque[Job] = deque()  # model-thread work besides steps (prompt scoring), under _cond
         self._stopping = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # set when the loop itself failed (not one request): unhealthy
+        self._scoring: Counter[str] = Counter()  # tiers that prompt_logprobs calls wait for or run at
+        self.builder = TierBuilder(em, self._cond, self._tiers_in_use, self.core.fail_waiting, config.cpu_threads)
+        self.core.builder, self.core.runner.evict = self.builder, False
 
     # ----------------------------------------------------------------------------------------- protocol
     def resolve_tier(self, requested: TierRequest) -> str | None:
@@ -112,13 +118,12 @@ class AsyncEngine:
     def submit(self, prompt: str | list[int], params: SamplingParams, tier: TierRequest = None,
                request_id: str | None = None) -> RequestStream:
         """Queue a request from a coroutine; iterate the returned stream for its events."""
-        if self._stopping:
-            raise EngineNotReadyError("the engine has been shut down")
+        self._check_alive()
         stream = RequestStream(self, asyncio.get_running_loop())
         self.start()
         with self._cond:
             stream.request_id = self.core.add(prompt, params, tier, stream._put, request_id)
-            self._cond.notify()
+            self._cond.notify_all()  # the tier builder waits on it too
         return stream
 
     async def prompt_logprobs(self, prompt: str | list[int], tier: TierRequest = None,
@@ -127,8 +132,7 @@ class AsyncEngine:
         thread between steps. Raises like `submit` (EngineNotReadyError, PromptTooLongError, UnknownTierError,
         EngineOverloadedError when the waiting queue is full) and ValueError for an empty prompt or `top`
         outside [0, 20]. Cancelling the awaiting task drops the job if it has not started."""
-        if self._stopping:
-            raise EngineNotReadyError("the engine has been shut down")
+        self._check_alive()
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
             raise ValueError(f"top must be an integer in [0, 20], got {top!r}")
         ids = self.core.encode(prompt)
@@ -137,17 +141,47 @@ class AsyncEngine:
             raise ValueError("empty prompt (at least one token is needed)")
         if len(ids) > self.max_context:
             raise PromptTooLongError(len(ids), 0, self.max_context)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.start()
+        held = name  # None (auto): the policy's tier, which is always kept
         with self._cond:
-            if self._stopping:
-                raise EngineNotReadyError("the engine has been shut down")
-            waiting, limit = len(self.core.scheduler.waiting) + len(self._jobs), self.config.max_waiting
-            if waiting >= limit:
-                raise EngineOverloadedError(waiting, limit)
-            self._jobs.append((future, lambda: self._score(ids, name, top)))
-            self._cond.notify()
-        return await asyncio.wrap_future(future)
+            if held is not None:
+                self._scoring[held] += 1
+        try:
+            if held is not None:
+                await self._tier_ready(held)
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            self.start()
+            with self._cond:
+                self._check_alive()
+                waiting, limit = len(self.core.scheduler.waiting) + len(self._jobs), self.config.max_waiting
+                if waiting >= limit:
+                    raise EngineOverloadedError(waiting, limit)
+                self._jobs.append((future, lambda: self._score(ids, name, top)))
+                self._cond.notify_all()  # the tier builder waits on it too
+            return await asyncio.wrap_future(future)
+        finally:
+            if held is not None:
+                with self._cond:
+                    self._scoring[held] -= 1
+                    if self._scoring[held] <= 0:
+                        del self._scoring[held]
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineNotReadyError(f"the engine loop failed ({type(self.error).__name__}); restart the server")
+        if self._stopping:
+            raise EngineNotReadyError("the engine has been shut down")
+
+    def _tiers_in_use(self) -> set[str]:
+        return self.core.tiers_in_use() | set(self._scoring)
+
+    async def _tier_ready(self, name: str, poll_s: float = 0.01) -> None:
+        """Wait (without blocking the event loop) until the TierBuilder has built `name`; the caller holds
+        `name` in `_scoring` so that it is built and not evicted meanwhile."""
+        with self._cond:
+            self.builder.request(name)
+        while not self.model.is_ready(name):
+            self._check_alive()
+            await asyncio.sleep(poll_s)
 
     @torch.inference_mode()
     def _score(self, ids: list[int], tier: str | None, top: int) -> PromptLogprobs:
@@ -156,7 +190,7 @@ class AsyncEngine:
             with self._cond:
                 tier = self.core.policy.tier
         tokens = torch.tensor([ids], device=self.core.runner.device)  # [1, T]
-        with self.model.plan(TierPlan.from_rows([tier])):  # the runner's per-row tier mechanism, one row
+        with self.model.plan(TierPlan.from_rows([tier]), evict=False):  # the runner's per-row tier mechanism
             logits = self.model.model(tokens)[0]  # [T, V]; no slots: keys are this forward's tokens
         logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]: position i predicts token i+1
         targets = torch.tensor(ids[1:], device=logp.device)
@@ -215,12 +249,29 @@ class AsyncEngine:
             if not self.core.has_work:
                 continue
             try:
-                self.core.step()
-            except BaseException as e:  # pragma: no cover - step() already fails requests on model errors
-                self.error = e
+                computed = self.core.step()
+            except BaseException as e:  # noqa: BLE001 - not one request's fault (those fail alone in step)
+                self._die(e)
+                return
+            if not computed:  # every waiting request waits for a tier build: sleep until something changes
                 with self._cond:
-                    for seq in list(self.core.scheduler.running) + list(self.core.scheduler.waiting):
-                        self.core.abort(seq.request_id)
+                    if not self._jobs and not self._stopping:
+                        self._cond.wait(timeout=0.05)
+
+    def _die(self, error: BaseException) -> None:
+        """The loop failed outside any one request: log it once, fail everything in flight with an error
+        (not 'cancelled', which reads as a client's doing), refuse new work; /health then reports it."""
+        log.error("engine loop failed; failing %d requests in flight", len(self.core.scheduler.running)
+                  + len(self.core.scheduler.waiting), exc_info=error)
+        with self._cond:
+            self.error = error
+            message = f"the engine failed: {type(error).__name__}: {error}"
+            self.core.fail_all(message)
+            while self._jobs:
+                future, _ = self._jobs.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineNotReadyError(message))
+            self._cond.notify_all()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Cancel everything in flight and stop the model thread."""
@@ -233,6 +284,7 @@ class AsyncEngine:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(EngineNotReadyError("the engine has been shut down"))
             self._cond.notify_all()
+        self.builder.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -20,6 +20,7 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +44,7 @@ from .elastic_format import (
     validate_tensors,
     write_elastic,
 )
-from .linear import Backend, ElasticLinear, LinearMaps, TierContext, TierPlan, serving_layout
+from .linear import Backend, ElasticLinear, LinearMaps, TierContext, TierPlan, TierWeights, serving_layout
 from .loader import DType, LoadedModel, load_model
 
 BackendChoice = Literal["auto", "torch", "triton"]
@@ -96,14 +97,16 @@ class ElasticModel:
     @classmethod
     def load(cls, path: str | Path, *, dtype: DType | torch.dtype = "auto", device: str | torch.device = "cpu",
              backend: BackendChoice = "auto", resident: Iterable[str] | None = None,
-             memory_budget: int | None = None, cache_tiers: int = 4) -> ElasticModel:
-        """Load an elastic checkpoint (or a plain HF model, served as "dense" only)."""
+             memory_budget: int | None = None, cache_tiers: int = 4,
+             allow_external_base: bool = False) -> ElasticModel:
+        """Load an elastic checkpoint (or a plain HF model, served as "dense" only). `allow_external_base`:
+        its base weights may lie outside the checkpoint's parent folder (elastic_format.resolve_base_weights)."""
         path, device = Path(path), torch.device(device)
-        lm = load_model(path, dtype=dtype, device=device)
+        lm = load_model(path, dtype=dtype, device=device, allow_external_base=allow_external_base)
         if not is_elastic(path):
             spec = ElasticSpec(tiers=[TierSpec("dense", "dense", 0.0)], groups=[], linears=[])
             return cls(lm, spec, {}, choose_backend(backend, device), resident, memory_budget, cache_tiers)
-        spec, tensors = read_elastic(path)
+        spec, tensors = read_elastic(path, allow_external_base=allow_external_base)
         shapes = {n: tuple(m.weight.shape) for n, m in lm.model.named_modules() if isinstance(m, ElasticLinear)}
         validate_tensors(spec, tensors, shapes, path / "elastic.safetensors")
         if not spec.tiers:
@@ -202,8 +205,9 @@ class ElasticModel:
             raise ValueError(f"resident tier {name!r} does not fit the memory budget: {used} bytes of tiers > "
                              f"budget {self.memory_budget} bytes")
 
-    def ensure(self, names: Iterable[str]) -> None:
-        """Materialize the tiers a step needs (LRU cache for non-resident ones), evicting unneeded ones."""
+    def ensure(self, names: Iterable[str], evict: bool = True) -> None:
+        """Materialize the tiers a step needs (LRU cache for non-resident ones), evicting unneeded ones
+        (`evict=False`: never evict; the serving engine evicts through `make_room`, on its own terms)."""
         needed = set(names)
         for name in needed:
             if name in self._resident:
@@ -213,6 +217,8 @@ class ElasticModel:
             else:
                 self._materialize(self.tier_spec(name))
                 self._cache[name] = None
+        if not evict:
+            return
         for name in list(self._cache):
             over = len(self._cache) > self.cache_tiers or (
                 self.memory_budget is not None and self.memory_used > self.memory_budget)
@@ -222,8 +228,45 @@ class ElasticModel:
                 self.drop_tier(name)
 
     def _materialize(self, spec: TierSpec) -> None:
-        self.tier_bytes[spec.name] = sum(lin.materialize(self.spec, spec, self.backend).nbytes
-                                         for lin in self._linears)
+        self._install(self.build_tier(spec.name))
+
+    # ------------------------------------------------------------------ tiers built beside the model thread
+    def build_tier(self, name: str) -> BuiltTier:
+        """Every linear's weights of tier `name`, computed but not installed. Reads only base weights and maps,
+        so a builder thread may run it while the model thread runs forwards."""
+        spec = self.tier_spec(name)
+        return BuiltTier(name, [lin.build(self.spec, spec, self.backend) for lin in self._linears])
+
+    def install_tier(self, built: BuiltTier) -> None:
+        """Make a built tier usable (a cached, evictable tier): dict stores only, cheap."""
+        if built.name in self.tier_bytes:
+            return
+        self._install(built)
+        self._cache[built.name] = None
+
+    def _install(self, built: BuiltTier) -> None:
+        for lin, tw in zip(self._linears, built.weights):
+            lin.tiers[built.name] = tw
+        self.tier_bytes[built.name] = sum(tw.nbytes for tw in built.weights)
+
+    def is_ready(self, name: str) -> bool:
+        """True when `name` is materialized (a forward at that tier needs no build)."""
+        return name in self.tier_bytes
+
+    def make_room(self, in_use: set[str]) -> bool:
+        """Evict cached tiers outside `in_use` (least recently used first) until one more tier fits the cache
+        count (at least one on-demand tier is always allowed) and the memory budget; False when the tiers in
+        use fill it (the caller waits for one to be released)."""
+        def full() -> bool:
+            return len(self._cache) >= max(1, self.cache_tiers) or (
+                self.memory_budget is not None and self.memory_used > self.memory_budget)
+
+        for name in list(self._cache):
+            if not full():
+                break
+            if name not in in_use and name != self.context.default:
+                self.drop_tier(name)
+        return not full()
 
     def drop_tier(self, name: str) -> None:
         for lin in self._linears:
@@ -243,15 +286,23 @@ class ElasticModel:
         return sum(self.tier_bytes.values())
 
     @contextmanager
-    def plan(self, plan: TierPlan | None) -> Iterator[None]:
+    def plan(self, plan: TierPlan | None, evict: bool = True) -> Iterator[None]:
         """Run the forwards inside with this per-row tier plan (its tiers materialized if needed)."""
         if plan is not None:
-            self.ensure(plan.tiers)
+            self.ensure(plan.tiers, evict=evict)
         self.context.plan = plan
         try:
             yield
         finally:
             self.context.plan = None
+
+
+@dataclass(frozen=True)
+class BuiltTier:
+    """One tier's weights for every ElasticLinear of a model (in ElasticModel's linear order)."""
+
+    name: str
+    weights: list[TierWeights]
 
 
 def _as_fraction(requested: object) -> float | None:

@@ -169,14 +169,19 @@ class ElasticLinear(nn.Module):
                            f"materialized: {', '.join(self.tiers) or 'none'}")
         return tw.apply(x, self.bias)
 
-    @torch.no_grad()
     def materialize(self, spec: ElasticSpec, tier: TierSpec, backend: Backend) -> TierWeights:
         """Build (and store under `tier.name`) this linear's weights for `tier` on `backend`."""
+        tw = self.build(spec, tier, backend)
+        self.tiers[tier.name] = tw
+        return tw
+
+    @torch.no_grad()
+    def build(self, spec: ElasticSpec, tier: TierSpec, backend: Backend) -> TierWeights:
+        """This linear's weights for `tier` on `backend`, not stored: it only reads the base weight and the
+        maps, so another thread may build a tier while forwards run (engine/tier_builder.py)."""
         maps = self.maps
         if maps is None or tier.kind == "dense" and not tier.lora_groups:
-            tw = TierWeights(weight=self.weight)  # shares the base weight: no memory
-            self.tiers[tier.name] = tw
-            return tw
+            return TierWeights(weight=self.weight)  # shares the base weight: no memory
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         if backend == "torch":
             w = serving_layout(w)  # merges from a relaid base come out column-major already; a guard
@@ -199,7 +204,6 @@ class ElasticLinear(nn.Module):
                 packed = pack_24(w, mask) if tier.kind == "nm" else pack_bitmap(w, mask)
                 tw.weight, tw.packed = None, packed
                 tw.nbytes += packed.nbytes - _nbytes(w)
-        self.tiers[tier.name] = tw
         return tw
 
     def drop_tier(self, name: str) -> None:

@@ -36,8 +36,9 @@ from .api import (
 from .elastic import ElasticModel
 from .linear import TierPlan
 from .policy import TierPolicy
-from .sampling import SamplingParams, TextStream, sample_rows, top_logprobs
+from .sampling import SamplingParams, TextStream, select_token, top_logprobs
 from .scheduler import ScheduledRow, Scheduler, SchedulerConfig, SchedulerOutput, SeqStatus, Sequence
+from .tier_builder import TierBuilder
 
 Sink = Callable[[StreamEvent], None]
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-tiny"
@@ -75,6 +76,8 @@ class EngineConfig:
     """How `auto` requests get their tier (fixed default, or load ladder with hysteresis)."""
     model_name: str | None = None
     """Name the model is served under; None = the model directory's name."""
+    allow_external_base: bool = False
+    """Let an elastic checkpoint's base weights lie outside its parent folder (elastic_format.resolve_base_weights)."""
     cpu_threads: int | None = 1
     """torch intra-op threads of the model thread on CPU (None: leave torch's setting). 1 by default: on the
     2-core machines measured, OpenMP teams started from a non-main thread made small matmuls 2-3x slower
@@ -111,7 +114,8 @@ class EngineConfig:
         """Load the model these settings name (the resident tiers materialized)."""
         budget = None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
         return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(), backend=self.backend,
-                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers)
+                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers,
+                                 allow_external_base=self.allow_external_base)
 
 
 class ModelRunner:
@@ -119,6 +123,7 @@ class ModelRunner:
 
     def __init__(self, em: ElasticModel, num_slots: int, max_seq_len: int, prefill_chunk: int) -> None:
         self.em = em
+        self.evict = True  # False when a TierBuilder owns the on-demand tier cache (AsyncEngine)
         self.device = em.model.model.embed_tokens.weight.device
         # headroom: right-padded prefill rows write up to prefill_chunk - 1 positions past their end
         em.model.setup_cache(num_slots, max_seq_len + prefill_chunk)
@@ -128,7 +133,7 @@ class ModelRunner:
         """Compute every row; return the rows that sample and their last-position logits [N, V] (fp32)."""
         rows: list[ScheduledRow] = []
         logits: list[torch.Tensor] = []
-        self.em.ensure({r.seq.tier for r in out.rows})
+        self.em.ensure({r.seq.tier for r in out.rows}, evict=self.evict)
         for group in (out.decode_rows, out.prefill_rows):
             if group:
                 done, lg = self._forward(group)
@@ -148,7 +153,7 @@ class ModelRunner:
         positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]; padding continues on
         slots = torch.tensor([r.seq.slot for r in rows], device=self.device)  # [B]
         last = torch.tensor([r.length - 1 for r in rows], device=self.device)  # [B]
-        with self.em.plan(TierPlan.from_rows([r.seq.tier for r in rows])):
+        with self.em.plan(TierPlan.from_rows([r.seq.tier for r in rows]), evict=self.evict):
             return rows, self.em.model(tokens, positions, slots, logit_index=last)  # [B, V]
 
 
@@ -178,14 +183,22 @@ class EngineCore:
         self.runner = ModelRunner(em, config.max_batch, self.max_context, config.prefill_chunk)
         self.policy = TierPolicy(config.policy, em.resolve)
         self.eos = set(em.config.eos_token_ids)
+        self.vocab_size = em.config.vocab_size
         self.lock = threading.RLock()
         self._ids = itertools.count()
+        self.builder: TierBuilder | None = None  # set by AsyncEngine: on-demand tiers built off this thread
 
     # ----------------------------------------------------------------------------------------- requests
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; ValueError for ids outside the vocabulary (they would index past the
+        embedding table and fail every request batched with this one)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return [int(t) for t in prompt]
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        return list(prompt)
 
     def add(self, prompt: str | list[int], params: SamplingParams, tier: object, sink: Sink,
             request_id: str | None = None) -> str:
@@ -230,22 +243,69 @@ class EngineCore:
             return 0
         try:
             rows, logits = self.runner.run(out)
-        except Exception as e:  # a failing forward fails its requests, not the engine
-            with self.lock:
-                for row in out.rows:
-                    if row.seq.status is SeqStatus.RUNNING:
-                        self._finish(row.seq, "error", error=f"{type(e).__name__}: {e}")
-            return len(out.rows)
+        except Exception as e:  # noqa: BLE001 - find the rows that fail, fail those alone
+            rows, logits = self._run_isolated(out, e)
         with self.lock:
             self.postprocess(out, rows, logits)
         return len(out.rows)
 
+    def _run_isolated(self, out: SchedulerOutput, error: Exception) -> tuple[list[ScheduledRow], torch.Tensor]:
+        """The batched forward raised: run each row alone, so only the rows that fail alone fail (with their
+        own error). A row's forward writes only its own KV slot at its own positions, so recomputing it is
+        exact and the survivors get the tokens they would get without the failing row."""
+        if len(out.rows) == 1:
+            self._fail_rows(out.rows, error)
+            return [], torch.empty(0)
+        rows: list[ScheduledRow] = []
+        logits: list[torch.Tensor] = []
+        for row in out.rows:
+            try:
+                got, lg = self.runner.run(SchedulerOutput(rows=[row]))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                self._fail_rows([row], e)
+                continue
+            rows += got
+            logits.append(lg)
+        return rows, (torch.cat(logits) if rows else torch.empty(0))
+
+    def _fail_rows(self, rows: list[ScheduledRow], error: Exception) -> None:
+        with self.lock:
+            for row in rows:
+                if row.seq.status is SeqStatus.RUNNING:
+                    self._finish(row.seq, "error", error=f"{type(error).__name__}: {error}")
+
     def schedule(self) -> SchedulerOutput:
-        out = self.scheduler.schedule(self.policy.update(self.load()))
+        out = self.scheduler.schedule(self.policy.update(self.load()), self._tier_ready if self.builder else None)
         now = time.monotonic()
         for seq in out.admitted:
             seq.data.admitted = now
         return out
+
+    def _tier_ready(self, tier: str) -> bool:
+        """Scheduler admission test with a TierBuilder: a tier not yet built is queued for building."""
+        if self.em.is_ready(tier):
+            return True
+        self.builder.request(tier)  # type: ignore[union-attr]
+        return False
+
+    def tiers_in_use(self) -> set[str]:
+        """Tiers that live requests or the policy need (never evicted from the on-demand cache)."""
+        s = self.scheduler
+        used = {seq.tier for seq in [*s.running, *s.waiting] if seq.tier}
+        return used | {self.policy.spec.default_tier} | {t for _, t in self.policy.spec.ladder}
+
+    def fail_all(self, message: str) -> None:
+        """Fail every request in flight with `message` (the engine cannot go on); under the lock."""
+        with self.lock:
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                seq.tier = seq.tier or self.policy.tier
+                self._finish(seq, "error", error=message)
+
+    def fail_waiting(self, tier: str, message: str) -> None:
+        """Fail the waiting requests of `tier` (its build failed); under the lock."""
+        for seq in [q for q in self.scheduler.waiting if (q.tier or self.policy.tier) == tier]:
+            seq.tier = tier
+            self._finish(seq, "error", error=message)
 
     def load(self) -> float:
         s = self.scheduler
@@ -254,14 +314,25 @@ class EngineCore:
         return len(s.waiting) + len(s.running)
 
     def postprocess(self, out: SchedulerOutput, rows: list[ScheduledRow], logits: torch.Tensor) -> None:
+        """Sample, detokenize and stream each row. Everything here is per request: a row whose logits are not
+        finite, or whose sampling or text handling raises, fails alone; the others go on."""
         self.scheduler.advance(out)
-        live = [i for i, r in enumerate(rows) if r.seq.status is SeqStatus.RUNNING]  # not aborted meanwhile
+        finite = torch.isfinite(logits).all(-1).tolist() if rows else []
+        live = []
+        for i, r in enumerate(rows):
+            if r.seq.status is not SeqStatus.RUNNING:  # aborted meanwhile
+                continue
+            if not finite[i]:
+                self._finish(r.seq, "error", error="the model produced non-finite logits (NaN or inf) for this "
+                                                   "request")
+                continue
+            live.append(i)
         if not live:
             return
         rows, logits = [rows[i] for i in live], logits[live]
         states: list[RequestState] = [r.seq.data for r in rows]
-        tokens = sample_rows(logits, [s.params for s in states], [s.generator for s in states])
-        want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        tokens = self._sample(rows, logits, states)
+        want = [i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] is not None]
         lps = {}
         if want:
             k = max(states[i].params.logprobs for i in want)
@@ -269,7 +340,29 @@ class EngineCore:
             lps = {i: self._logprob(tokens[i], found[j], states[i].params.logprobs) for j, i in enumerate(want)}
         now = time.monotonic()
         for i, (row, tok, st) in enumerate(zip(rows, tokens, states)):
-            self._accept(row.seq, st, tok, lps.get(i), now)
+            if tok is None:
+                continue
+            try:
+                self._accept(row.seq, st, tok, lps.get(i), now)
+            except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request's own
+                if row.seq.status is SeqStatus.RUNNING:
+                    self._finish(row.seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _sample(self, rows: list[ScheduledRow], logits: torch.Tensor, states: list[RequestState]) -> list[int | None]:
+        """The next token of each row: one argmax for all greedy rows, a seeded draw of its own for each sampled
+        row (so a row's token never depends on its batch); a row whose draw raises is failed and gets None."""
+        argmax = torch.argmax(logits, dim=-1).tolist()  # [B]
+        tokens: list[int | None] = []
+        for i, (row, st) in enumerate(zip(rows, states)):
+            if st.params.greedy:
+                tokens.append(argmax[i])
+                continue
+            try:
+                tokens.append(select_token(logits[i], st.params, st.generator))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                self._finish(row.seq, "error", error=f"sampling failed: {type(e).__name__}: {e}")
+                tokens.append(None)
+        return tokens
 
     def _logprob(self, tok: int, found: tuple[float, list[tuple[int, float]]], k: int) -> TokenLogprob:
         dec = self.tokenizer.decode

@@ -1,6 +1,6 @@
 """Sampling parameters and next-token selection.
 
-Greedy (temperature 0) is an exact argmax. Sampled decoding uses one `torch.Generator` per request, seeded
+Greedy (temperature below `SAMPLING_EPS`, 0 included) is an exact argmax. Sampled decoding uses one `torch.Generator` per request, seeded
 from `seed`, so a seeded request reproduces whatever else is in its batch. `TextStream` turns a request's
 tokens into streamed text with stop strings; `top_logprobs` gives the logprobs of chosen tokens.
 """
@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (as vLLM's `_SAMPLING_EPS`): dividing fp32 logits by 1e-38 overflows to
+inf and softmax then gives NaN, so such a request could not be sampled at all."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,7 +23,7 @@ class SamplingParams:
     max_tokens: int = 64
     """Maximum number of tokens to generate (>= 0)."""
     temperature: float = 1.0
-    """0 means greedy; otherwise logits are divided by it before sampling (<= 100)."""
+    """Below SAMPLING_EPS (0 included) means greedy; otherwise logits are divided by it before sampling (<= 100)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1)."""
     top_k: int = 0
@@ -38,7 +42,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
+        if isinstance(self.temperature, bool) or not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -53,7 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:
@@ -85,13 +89,6 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """Next token of each row of logits [B, V]: one argmax for all greedy rows, a seeded draw for the rest."""
-    argmax = torch.argmax(logits, dim=-1).tolist()  # [B]
-    return [argmax[i] if p.greedy else select_token(logits[i], p, generators[i]) for i, p in enumerate(params)]
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:

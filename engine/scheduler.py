@@ -7,7 +7,8 @@ sequences the model computes this step, within a token budget:
 2. running sequences still prefilling get their next chunk (at most `prefill_chunk` tokens);
 3. waiting sequences are admitted in arrival order while a KV slot and budget remain: each gets a slot,
    its tier (an explicit one, or the policy's auto tier of that moment: fixed from then on) and its
-   first prefill chunk.
+   first prefill chunk. A sequence whose tier is not `ready` (an on-demand tier still being built beside
+   the model thread) stays waiting without holding up the sequences behind it.
 
 A row whose chunk reaches the last known token of its sequence is marked `sample`: the runner returns the
 logits there and the engine appends the chosen token in postprocess (`Sequence.output_ids`), which makes
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -166,8 +168,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, auto_tier: str) -> SchedulerOutput:
-        """Pick this step's rows (module docstring); `auto_tier` is given to auto sequences admitted now."""
+    def schedule(self, auto_tier: str, ready: Callable[[str], bool] | None = None) -> SchedulerOutput:
+        """Pick this step's rows (module docstring); `auto_tier` is given to auto sequences admitted now;
+        waiting sequences whose tier fails `ready` are passed over (None: every tier is ready)."""
         out = SchedulerOutput()
         budget = self.config.max_step_tokens
         for seq in self.running:  # decodes first: one token each, always fits (max_step_tokens >= slots)
@@ -177,8 +180,12 @@ class Scheduler:
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 budget -= self._chunk(out, seq, budget)
+        passed: list[Sequence] = []
         while self.waiting and budget > 0 and self.slots.used < self.slots.total:
             seq = self.waiting.popleft()
+            if ready is not None and not ready(seq.tier or auto_tier):
+                passed.append(seq)
+                continue
             seq.slot = self.slots.allocate()
             seq.status = SeqStatus.RUNNING
             if seq.tier is None:
@@ -186,6 +193,7 @@ class Scheduler:
             self.running.append(seq)
             out.admitted.append(seq)
             budget -= self._chunk(out, seq, budget)
+        self.waiting.extendleft(reversed(passed))  # back at the front, in arrival order
         return out
 
     def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:

@@ -19,9 +19,10 @@ from fastapi import FastAPI, Request, Response
 from sparsedial.engine.api import EngineProtocol
 
 from sparsedial import __version__
+from sparsedial.errors import SparsedialError
 
 from .deps import ServerState, resolve_tier
-from .errors import install_error_handlers
+from .errors import APIError, install_error_handlers, public_reason
 from .metrics import ServerMetrics
 from .serving import ClientDisconnected
 from .settings import ServerSettings
@@ -52,17 +53,26 @@ def apply_default_tier(engine: EngineProtocol, tier: str | None) -> None:
         engine.set_policy(replace(engine.get_policy(), default_tier=name))
 
 
-async def _load(state: ServerState, factory: EngineFactory | None) -> None:
+async def _load(app: FastAPI, state: ServerState, factory: EngineFactory | None) -> None:
     if factory is None:
         from .engine_factory import build_engine as factory
 
+    engine = None
     try:
         engine = await asyncio.to_thread(factory, state.settings)
         await _call_if_present(engine, "start")
         apply_default_tier(engine, state.settings.default_tier)
     except Exception as exc:
-        log.exception("engine failed to load")
-        state.load_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (SparsedialError, APIError)):  # a bad model or setting: the message says it all
+            log.error("engine failed to load: %s", exc.message if isinstance(exc, APIError) else exc)
+        else:
+            log.exception("engine failed to load")
+        state.load_error = public_reason(exc)
+        if engine is not None:
+            await _call_if_present(engine, "aclose", "shutdown", "stop")
+        hook = getattr(app.state, "on_load_failed", None)
+        if hook is not None:  # `sparsedial serve`: stop the server and exit non-zero, as vLLM and TGI do
+            hook(state.load_error)
         return
     state.engine, state.owns_engine = engine, True
     log.info("engine ready: %s, tiers %s", engine.model_name, ", ".join(engine.tiers))
@@ -71,7 +81,7 @@ async def _load(state: ServerState, factory: EngineFactory | None) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.sparsedial
-    task = None if state.engine is not None else asyncio.create_task(_load(state, app.state.engine_factory))
+    task = None if state.engine is not None else asyncio.create_task(_load(app, state, app.state.engine_factory))
     try:
         yield
     finally:
@@ -96,13 +106,15 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     from .routes_openai import router as openai_router
 
     settings = settings or ServerSettings()
-    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan,
+    # max_body_size: FastAPI's own limit (413 before the body is parsed, Content-Length or streamed)
+    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan, max_body_size=settings.max_body_bytes,
                   description="Serve one elastic sparse LLM at many sparsity tiers.")
     state = ServerState(settings=settings, metrics=ServerMetrics(), engine=engine)
     if engine is not None:
         apply_default_tier(engine, settings.default_tier)
     app.state.sparsedial = state
     app.state.engine_factory = engine_factory
+    app.state.on_load_failed = None  # `sparsedial serve` sets it: called with the reason when loading fails
     app.state.on_error = state.metrics.observe_error
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _client_gone)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
@@ -80,11 +81,44 @@ def request_tier(state: ServerState, engine: EngineProtocol, model: str, sparsit
     return tier
 
 
-def sampling_params(**fields: object) -> SamplingParams:
-    """SamplingParams from request fields; ValueError (naming the field) becomes a 400."""
+def sampling_params(settings: ServerSettings, **fields: object) -> SamplingParams:
+    """SamplingParams from request fields, within the server's input limits; ValueError (naming the field)
+    becomes a 400."""
     stop = fields.pop("stop", None)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())  # type: ignore[arg-type]
+    if len(stops) > settings.max_stop_sequences:
+        raise APIError(400, f"stop has {len(stops)} strings; this server accepts at most "
+                            f"{settings.max_stop_sequences}", param="stop", code="invalid_value")
+    longest = max((len(x) for x in stops), default=0)
+    if longest > settings.max_stop_length:
+        raise APIError(400, f"a stop string has {longest} characters; this server accepts at most "
+                            f"{settings.max_stop_length}", param="stop", code="invalid_value")
+    lp = fields.get("logprobs")
+    if isinstance(lp, int) and lp > settings.max_logprobs:
+        raise APIError(400, f"logprobs {lp} is above this server's limit of {settings.max_logprobs}",
+                       param="logprobs", code="invalid_value")
     try:
         return SamplingParams(stop=stops, **fields)  # type: ignore[arg-type]
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+def check_n(settings: ServerSettings, n: int) -> None:
+    if n > settings.max_n:
+        raise APIError(400, f"n {n} is above this server's limit of {settings.max_n}", param="n",
+                       code="invalid_value")
+
+
+async def tokenize(engine: EngineProtocol, settings: ServerSettings, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids, computed in a worker thread (a long prompt must not stall the event loop and,
+    with it, every other request), within `max_prompt_tokens`."""
+    if isinstance(prompt, str):
+        encode = engine.tokenizer.encode  # type: ignore[attr-defined]
+        ids = await asyncio.to_thread(encode, prompt, add_special_tokens=False)
+    else:
+        ids = list(prompt)
+    limit = settings.max_prompt_tokens
+    if limit is not None and len(ids) > limit:
+        raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {limit}", param="prompt",
+                       code="context_length_exceeded")
+    return ids

@@ -15,7 +15,8 @@ def engine_config(settings: ServerSettings):  # -> sparsedial.engine.EngineConfi
 
     options = {"model": settings.model, "device": settings.device, "dtype": settings.dtype,
                "backend": settings.backend, "max_batch": settings.max_running,
-               "max_waiting": settings.max_waiting, "model_name": settings.served_model_name}
+               "max_waiting": settings.max_waiting, "model_name": settings.served_model_name,
+               "allow_external_base": settings.allow_external_base}
     try:
         return EngineConfig(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:

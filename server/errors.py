@@ -1,12 +1,15 @@
 """Errors in OpenAI's shape, and the mapping from engine exceptions to HTTP statuses.
 
-Every non-2xx response body is `{"error": {"message", "type", "param", "code"}}`, including FastAPI's own
-422 validation errors and Starlette's 404/405, so one client-side parser handles them all.
+Every non-2xx response body is `{"error": {"message", "type", "param", "code"}}`, including request
+validation errors (400, as OpenAI and vLLM answer them, so `openai.BadRequestError` handlers see them),
+Starlette's 404/405/413 and any unexpected exception (500, logged), so one client-side parser handles them all.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,10 +22,13 @@ from sparsedial.engine.api import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ErrorDetail, ErrorResponse
+from .protocol import ErrorDetail, ErrorResponse, InvalidUnicodeError
+
+log = logging.getLogger("sparsedial.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 422: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
@@ -44,6 +50,16 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_ABS_DIRS = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:,()]+/)+")
+
+
+def public_reason(exc: BaseException) -> str:
+    """An error message fit for an unauthenticated client: absolute directories cut down to the file name
+    (the full message goes to the server log)."""
+    message = exc.message if isinstance(exc, APIError) else str(exc)
+    return f"{type(exc).__name__}: {_ABS_DIRS.sub('', message)}"
+
+
 def from_engine_error(exc: Exception) -> APIError | None:
     """The HTTP error for an exception the engine raises at submit time; None for unexpected ones."""
     if isinstance(exc, UnknownTierError):
@@ -61,8 +77,27 @@ def from_engine_error(exc: Exception) -> APIError | None:
 
 
 def _field_name(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    """The top-level field an error is about (OpenAI's `param`): `messages`, not `messages.0.content`."""
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    return str(parts[0]) if parts and isinstance(parts[0], str) else None
+
+
+def _field_path(loc: tuple) -> str | None:
+    """Where inside the body, for the message: `messages[0].content`; pydantic's union-member tags (`str`,
+    `list[int]`, `function-after[...]`) are left out."""
+    out = ""
+    for p in loc:
+        if p in ("body", "query", "path"):
+            continue
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not _UNION_TAG.fullmatch(str(p)):
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+_UNION_TAG = re.compile(r"[a-z_-]+\[.*\]|str|int|float|bool|none|list|dict|lax-or-strict|json-or-python"
+                        r"|[A-Z]\w+")
 
 
 def _report(request: Request, status: int) -> None:
@@ -77,16 +112,29 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     errors = exc.errors()
     msgs = []
     for err in errors[:5]:
-        name = _field_name(tuple(err.get("loc", ())))
+        name = _field_path(tuple(err.get("loc", ())))
         if err.get("type") == "json_invalid":
             msgs.append(f"invalid JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
         elif err.get("type") == "extra_forbidden":
             msgs.append(f"{name}: unknown field")
         else:
             msgs.append(f"{name}: {err.get('msg')}" if name else str(err.get("msg")))
-    param = _field_name(tuple(errors[0].get("loc", ()))) if errors else None
-    _report(request, 422)
-    return APIError(422, "; ".join(msgs) or "invalid request", param=param, code="invalid_request").response()
+    json_error = bool(errors) and errors[0].get("type") == "json_invalid"
+    param = None if json_error or not errors else _field_name(tuple(errors[0].get("loc", ())))
+    cause = errors[0].get("ctx", {}).get("error") if errors else None
+    if isinstance(cause, InvalidUnicodeError):  # found by a whole-body check: it knows its field
+        param, msgs = cause.param, [str(cause)]
+    _report(request, 400)
+    return APIError(400, "; ".join(dict.fromkeys(msgs)) or "invalid request", param=param,
+                    code="invalid_request").response()
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: logged with its traceback, answered as a JSON 500 (never plain text)."""
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    _report(request, 500)
+    return APIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                    code="internal_error").response()
 
 
 async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
@@ -103,3 +151,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)

@@ -1,20 +1,60 @@
 """Wire models shared by every route, plus sparsedial's own `/generate` and `/admin/tier` bodies.
 
-The OpenAI-compatible bodies live in `protocol_openai.py`. Request models forbid unknown fields so a typo
-(`sparsty`) is a 422 naming the field rather than a silently ignored option.
+The OpenAI-compatible bodies live in `protocol_openai.py`. Request models (`RequestModel`) forbid unknown
+fields, so a typo (`sparsty`) is a 400 naming the field rather than a silently ignored option; they are
+strict (`"max_tokens": "2"`, `true` or `"stream": "yes"` are refused, not coerced; an integer is still a
+number), refuse Infinity/NaN, and refuse strings that are not valid Unicode (a lone surrogate such as
+"\ud800" parses from JSON but cannot be tokenized or even encoded into a response).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Sparsity = str | float | None
 """`"dense" | "2:4" | "<n>%" | float in [0, max] | "auto"`; None means auto."""
 
 SPARSITY_DESCRIPTION = ('Tier to serve this request: "dense", "2:4", "<n>%", a number in [0, max] (snapped to '
                         'the checkpoint granularity) or "auto" (the operator\'s policy; the default).')
+
+
+class InvalidUnicodeError(ValueError):
+    """A request string with no UTF-8 form; `param` is the top-level field it is in (for the error body)."""
+
+    def __init__(self, path: str, position: int) -> None:
+        self.param = path.split(".")[0].split("[")[0] or None
+        super().__init__(f"{path or 'body'}: text is not valid Unicode (a lone surrogate at character "
+                         f"{position}); send UTF-8 text")
+
+
+def _reject_invalid_unicode(value: Any, path: str = "") -> None:
+    """Raise InvalidUnicodeError at the first string (key or value) with no UTF-8 form (lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidUnicodeError(path, e.start) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_invalid_unicode(k, path)
+            _reject_invalid_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_invalid_unicode(v, f"{path}[{i}]")
+
+
+class RequestModel(BaseModel):
+    """Base of every request body (module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _reject_invalid_unicode(data)
+        return data
 
 
 class ErrorDetail(BaseModel):
@@ -36,16 +76,14 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- /generate
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestModel):
     """`POST /generate`: one prompt, sampling fields and the sparsity tier."""
 
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str | list[int] = Field(description="Text, or token ids, to complete.")
     max_tokens: int = Field(64, ge=0, description="Maximum number of tokens to generate.")
@@ -104,10 +142,9 @@ class GenerateFinishChunk(GenerateResponse):
 
 
 # -------------------------------------------------------------------------------------------- /admin/tier
-class LadderStep(BaseModel):
+class LadderStep(RequestModel):
     """Under the `load` policy, `tier` applies once load >= `threshold`."""
 
-    model_config = ConfigDict(extra="forbid")
     threshold: float = Field(ge=0.0)
     tier: str
 
@@ -129,10 +166,9 @@ class TierState(BaseModel):
     tiers: list[str]
 
 
-class TierUpdate(BaseModel):
+class TierUpdate(RequestModel):
     """`PUT /admin/tier`: fields left out keep their current value. Requests in flight keep their tier."""
 
-    model_config = ConfigDict(extra="forbid")
     default_tier: str | None = Field(None, description="Tier for `auto` requests under `fixed` (and below the "
                                                        "first ladder step under `load`).")
     mode: Literal["fixed", "load"] | None = Field(None, description="fixed: always the default tier; load: "

@@ -9,24 +9,23 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from .protocol import SPARSITY_DESCRIPTION, Sparsity, StreamOptions, UsageInfo
+from .protocol import SPARSITY_DESCRIPTION, RequestModel, Sparsity, StreamOptions, UsageInfo
 
 
 def _now() -> int:
     return int(time.time())
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(RequestModel):
     """Fields common to both endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A model id from /v1/models: the model, or `<model>@<tier>`.")
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, description="Choices per prompt (at most the server's max_n).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -49,12 +48,12 @@ class CompletionRequest(_OpenAIRequest):
     echo: bool = False
 
 
-class ChatContentPart(BaseModel):
+class ChatContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sparsedial.engine.api import EngineProtocol, PolicySpec
 
 from .deps import ServerState, get_engine, get_state, resolve_tier
-from .errors import APIError
+from .errors import APIError, public_reason
 from .metrics import CONTENT_TYPE
 from .protocol import ErrorResponse, HealthResponse, LadderStep, PolicyOut, TierState, TierUpdate
 
@@ -64,7 +64,7 @@ def updated_policy(engine: EngineProtocol, body: TierUpdate) -> PolicySpec:
     return PolicySpec(mode=mode, default_tier=default, ladder=ladder, signal=signal, hysteresis=hysteresis)
 
 
-ADMIN_ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 403, 422, 503)}
+ADMIN_ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 403, 503)}
 
 
 @router.get("/admin/tier", response_model=TierState, responses=ADMIN_ERRORS, dependencies=[Depends(require_admin)])
@@ -76,7 +76,11 @@ async def get_tier(engine: EngineProtocol = Depends(get_engine)) -> TierState:
 @router.put("/admin/tier", response_model=TierState, responses=ADMIN_ERRORS, dependencies=[Depends(require_admin)])
 async def put_tier(body: TierUpdate, engine: EngineProtocol = Depends(get_engine)) -> TierState:
     """Change the default tier and/or policy. Requests already admitted keep their tier."""
-    engine.set_policy(updated_policy(engine, body))
+    try:
+        engine.set_policy(updated_policy(engine, body))
+    except ValueError as exc:  # the engine's own policy checks (e.g. duplicate ladder thresholds)
+        raise APIError(400, str(exc), param="ladder" if "ladder" in str(exc) else None,
+                       code="invalid_policy") from exc
     return tier_state(engine)
 
 
@@ -84,9 +88,11 @@ async def put_tier(body: TierUpdate, engine: EngineProtocol = Depends(get_engine
 async def health(state: ServerState = Depends(get_state)):
     """200 once the engine is loaded; 503 while it loads or if it failed to."""
     engine = state.engine
-    if engine is None:
-        status = "failed" if state.load_error else "loading"
-        body = HealthResponse(status=status, detail=state.load_error)
+    failed = getattr(engine, "error", None)  # the engine's loop died (not one request): not healthy
+    if engine is None or failed is not None:
+        status = "failed" if state.load_error or failed is not None else "loading"
+        detail = state.load_error or (f"the engine loop failed: {public_reason(failed)}" if failed else None)
+        body = HealthResponse(status=status, detail=detail)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
     return HealthResponse(status="ok", model=state.model_id(engine), tiers=list(engine.tiers))
 

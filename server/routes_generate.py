@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from sparsedial.engine.api import EngineProtocol, FinishEvent, StreamEvent, TokenEvent, TokenLogprob
 
-from .deps import ServerState, get_engine, get_state, new_id, request_tier, sampling_params
+from .deps import ServerState, get_engine, get_state, new_id, request_tier, sampling_params, tokenize
 from .errors import APIError
 from .protocol import (
     ErrorResponse,
@@ -23,7 +23,7 @@ from .protocol import (
 from .serving import SSE_DONE, RequestRun, guarded_stream, sse
 
 router = APIRouter()
-ERRORS = {c: {"model": ErrorResponse} for c in (400, 422, 429, 503)}
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 413, 429, 503)}
 
 
 def logprob_out(lp: TokenLogprob | None) -> TokenLogprobOut | None:
@@ -68,11 +68,12 @@ async def generate(body: GenerateRequest, request: Request, state: ServerState =
     sends one SSE event per token, then the full response (type "finish"), then `data: [DONE]`."""
     model = state.model_id(engine)
     tier = request_tier(state, engine, model, body.sparsity)
-    params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                             top_k=body.top_k, stop=body.stop, seed=body.seed, logprobs=body.logprobs,
-                             ignore_eos=body.ignore_eos)
+    params = sampling_params(state.settings, max_tokens=body.max_tokens, temperature=body.temperature,
+                             top_p=body.top_p, top_k=body.top_k, stop=body.stop, seed=body.seed,
+                             logprobs=body.logprobs, ignore_eos=body.ignore_eos)
+    ids = await tokenize(engine, state.settings, body.prompt)
     rid = new_id("gen")
-    run = RequestRun.start(engine, state.metrics, "generate", [(body.prompt, params, tier)], rid)
+    run = RequestRun.start(engine, state.metrics, "generate", [(ids, params, tier)], rid)
     poll = state.settings.disconnect_poll_s
     if body.stream:
         _, events = await guarded_stream(run, request, poll)

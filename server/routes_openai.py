@@ -6,6 +6,7 @@ The tier comes from the `sparsity` body field (openai-python: `extra_body={"spar
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +14,17 @@ from fastapi.responses import StreamingResponse
 from sparsedial.engine.api import EngineProtocol, FinishEvent, StreamEvent, TokenEvent, TokenLogprob
 
 from .chat import render_chat
-from .deps import ServerState, get_engine, get_state, model_ids, new_id, request_tier, sampling_params
+from .deps import (
+    ServerState,
+    check_n,
+    get_engine,
+    get_state,
+    model_ids,
+    new_id,
+    request_tier,
+    sampling_params,
+    tokenize,
+)
 from .errors import APIError
 from .protocol import ErrorResponse, UsageInfo
 from .protocol_openai import (
@@ -39,7 +50,7 @@ from .scoring import echo_choices, needs_scoring, score_prompts
 from .serving import SSE_DONE, Choice, RequestRun, guarded_stream, sse
 
 router = APIRouter(prefix="/v1")
-ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 422, 429, 503)}
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 413, 429, 503)}
 Job = tuple[str | list[int], object, str | None]
 
 
@@ -64,21 +75,23 @@ def usage_of(finishes: list[FinishEvent], n: int) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _check_common(body: _OpenAIRequest) -> None:
+def _check_common(body: _OpenAIRequest, state: ServerState) -> None:
+    check_n(state.settings, body.n)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise APIError(400, f"{name} is not supported by sparsedial (send 0 or leave it out)", param=name,
                            code="unsupported_parameter")
 
 
-def _jobs(body: _OpenAIRequest, prompts: list[str | list[int]], tiers: list[str | None], max_tokens: int,
-          logprobs: int | None) -> list[Job]:
+def _jobs(state: ServerState, body: _OpenAIRequest, prompts: list[list[int]], tiers: list[str | None],
+          max_tokens: int, logprobs: int | None) -> list[Job]:
     """n jobs per prompt; a seeded request gives choice j the seed `seed + j` so the choices differ."""
     jobs: list[Job] = []
     for prompt, tier in zip(prompts, tiers):
         for j in range(body.n):
             seed = None if body.seed is None else body.seed + j
-            params = sampling_params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            params = sampling_params(state.settings, max_tokens=max_tokens, temperature=body.temperature,
+                                     top_p=body.top_p,
                                      top_k=body.top_k, stop=body.stop, seed=seed, logprobs=logprobs,
                                      ignore_eos=body.ignore_eos)
             jobs.append((prompt, params, tier))
@@ -119,13 +132,20 @@ def _completion_choice(i: int, c: Choice, echo: str, with_logprobs: bool) -> Com
 async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state),
                       engine: EngineProtocol = Depends(get_engine)):
     """OpenAI text completions; `echo` with `logprobs` returns prompt-token logprobs (lm-eval loglikelihood)."""
-    _check_common(body)
+    _check_common(body, state)
     tier = request_tier(state, engine, body.model, body.sparsity)
     prompts = _prompts(body.prompt)
+    if len(prompts) > state.settings.max_n:  # each prompt takes n KV slots, as n does
+        raise APIError(400, f"{len(prompts)} prompts in one request; this server accepts at most "
+                            f"{state.settings.max_n}", param="prompt", code="invalid_value")
+    ids = [await tokenize(engine, state.settings, p) for p in prompts]
     rid, poll = new_id("cmpl"), state.settings.disconnect_poll_s
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if body.logprobs is not None and body.logprobs > state.settings.max_logprobs:
+        raise APIError(400, f"logprobs {body.logprobs} is above this server's limit of "
+                            f"{state.settings.max_logprobs}", param="logprobs", code="invalid_value")
     if needs_scoring(body):
-        scored = await score_prompts(engine, prompts, tier, body.logprobs or 0, request, poll)
+        scored = await score_prompts(engine, ids, tier, body.logprobs or 0, request, poll)
         if max_tokens == 0:
             choices, usage, tier_used = echo_choices(scored, body.n)
             return CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage, tier=tier_used)
@@ -133,7 +153,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     else:
         scored, tiers = None, [tier] * len(prompts)
     run = RequestRun.start(engine, state.metrics, "completions",
-                           _jobs(body, prompts, tiers, max_tokens, body.logprobs), rid)
+                           _jobs(state, body, ids, tiers, max_tokens, body.logprobs), rid)
     echo_texts = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
     if body.stream:
         _, events = await guarded_stream(run, request, poll)
@@ -192,13 +212,12 @@ def chat_logprobs(lps: list[TokenLogprob | None]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def _chat_max_tokens(body: ChatCompletionRequest, engine: EngineProtocol, prompt: str) -> int:
+def _chat_max_tokens(body: ChatCompletionRequest, engine: EngineProtocol, n_prompt: int) -> int:
     """Explicit max_completion_tokens / max_tokens, else what is left of the context after the prompt."""
     if body.max_completion_tokens is not None:
         return body.max_completion_tokens
     if body.max_tokens is not None:
         return body.max_tokens
-    n_prompt = len(engine.tokenizer.encode(prompt, add_special_tokens=False))  # type: ignore[attr-defined]
     return max(1, engine.max_context - n_prompt)
 
 
@@ -207,14 +226,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                            engine: EngineProtocol = Depends(get_engine)):
     """OpenAI chat completions; the prompt comes from the tokenizer's chat template (or the documented
     fallback for tokenizers without one, see server/chat.py)."""
-    _check_common(body)
+    _check_common(body, state)
     tier = request_tier(state, engine, body.model, body.sparsity)
-    prompt = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt)
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if top is not None and top > state.settings.max_logprobs:
+        raise APIError(400, f"top_logprobs {top} is above this server's limit of {state.settings.max_logprobs}",
+                       param="top_logprobs", code="invalid_value")
+    # the template runs in a worker thread too: a long conversation must not stall the event loop
+    prompt = await asyncio.to_thread(render_chat, engine.tokenizer, body.messages, body.add_generation_prompt)
+    ids = await tokenize(engine, state.settings, prompt)
     rid, poll = new_id("chatcmpl"), state.settings.disconnect_poll_s
-    jobs = _jobs(body, [prompt], [tier], _chat_max_tokens(body, engine, prompt), top)
+    jobs = _jobs(state, body, [ids], [tier], _chat_max_tokens(body, engine, len(ids)), top)
     run = RequestRun.start(engine, state.metrics, "chat", jobs, rid)
     if body.stream:
         _, events = await guarded_stream(run, request, poll)

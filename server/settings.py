@@ -6,11 +6,14 @@ Every field reads from an environment variable `SPARSEDIAL_<FIELD>` (e.g. `SPARS
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TIER_SYNTAX = re.compile(r"dense|auto|\d+:\d+|\d+(\.\d+)?%|0?\.\d+|[01](\.0*)?")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -46,7 +49,41 @@ class ServerSettings(BaseSettings):
                                                             "max_batch); None keeps the engine's default.")
     disconnect_poll_s: float = Field(0.1, gt=0, description="How often a non-streaming request checks whether "
                                                             "its client has gone (then it is cancelled).")
-    log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug.")
+    log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug, trace.")
+    allow_external_base: bool = Field(False, description="Let an elastic checkpoint's base weights lie outside "
+                                                         "its parent folder (off: a checkpoint from elsewhere "
+                                                         "cannot make the server read arbitrary files).")
+
+    # --- input limits: one request must not be able to slow down or starve the others ---
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body accepted (bytes); "
+                                                                "larger ones get 413 before being parsed.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Most tokens in one prompt; None: the model's "
+                                                                   "context (prompt + max_tokens must fit it "
+                                                                   "either way).")
+    max_stop_sequences: int = Field(16, ge=0, description="Most `stop` strings per request (OpenAI allows 4); "
+                                                          "each is searched after every token.")
+    max_stop_length: int = Field(256, ge=1, description="Longest `stop` string (characters).")
+    max_n: int = Field(16, ge=1, description="Most choices (`n`) per request; each takes a KV slot.")
+    max_logprobs: int = Field(20, ge=0, le=20, description="Most top alternatives (`logprobs`, "
+                                                           "`top_logprobs`) per token.")
+
+    @field_validator("default_tier", mode="before")
+    @classmethod
+    def _check_default_tier(cls, v: object) -> object:
+        """Syntax only (whether the model serves it is known after loading): an empty value means unset, as
+        SPARSEDIAL_DEFAULT_TIER= in a compose file."""
+        if v is None or isinstance(v, str) and not v.strip():
+            return None
+        if not isinstance(v, str) or not TIER_SYNTAX.fullmatch(v.strip()):
+            raise ValueError(f"default_tier must be dense, auto, N:M, <n>% or a fraction, got {v!r}")
+        return v.strip()
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, v: str) -> str:
+        if v.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
+        return v.lower()
 
     @field_validator("dtype")
     @classmethod

@@ -23,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--allow-external-base", action="store_true",
+                   help="let an elastic checkpoint's base weights lie outside its parent folder")
 
 
 def _device(name: str) -> str:
@@ -44,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
         # one request: one KV slot, and only the tier asked for is materialized (on first use)
         config = EngineConfig(model=args.model, dtype=args.dtype, device=_device(args.device), max_batch=1,
-                              resident_tiers=())
+                              resident_tiers=(), allow_external_base=args.allow_external_base)
     except ValueError as e:
         raise SparsedialError(str(e)) from None
     core = EngineCore(config.load_model(), config)
@@ -54,6 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:  # unknown tier, prompt too long, empty prompt
         raise SparsedialError(str(e)) from None
     f = g.finish
+    if f.finish_reason == "error":
+        raise SparsedialError(f"generation failed: {f.error or 'unknown engine error'}")
     sys.stdout.write(prompt + f.text + "\n")
     print(f"[{f.prompt_tokens} prompt tokens, {f.completion_tokens} generated, finish: {f.finish_reason}, "
           f"tier: {f.tier}]", file=sys.stderr)
@@ -67,7 +71,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sparsedial.engine.loader import load_model
 
     device = _device(args.device)
-    lm = load_model(args.model, dtype=args.dtype, device=device)
+    lm = load_model(args.model, dtype=args.dtype, device=device, allow_external_base=args.allow_external_base)
     try:
         texts = load_texts(args.data)
     except FileNotFoundError as e:
@@ -106,7 +110,8 @@ def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_
         raise SparsedialError("--tier needs --backend sparsedial")
     if not is_elastic(args.model):
         raise SparsedialError(f"--tier: {args.model} is not an elastic checkpoint (no elastic.json)")
-    lm, spec, tensors = load_elastic_for_eval(args.model, dtype="float32", device=device, loaded=lm)
+    lm, spec, tensors = load_elastic_for_eval(args.model, dtype="float32", device=device, loaded=lm,
+                                              allow_external_base=args.allow_external_base)
     names = [t.name for t in spec.tiers] if args.tier == "all" else [t.strip() for t in args.tier.split(",")]
     try:
         tiers = [spec.tier(n) for n in names]
@@ -193,7 +198,7 @@ def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
 
 
 SERVE_OPTIONS = ("host", "port", "model", "served_model_name", "device", "dtype", "backend", "default_tier",
-                 "max_running", "max_waiting", "log_level")
+                 "max_running", "max_waiting", "log_level", "allow_external_base")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -212,7 +217,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SparsedialError(f"model directory not found: {settings.model}")
     print(f"sparsedial: serving {settings.model} on http://{settings.host}:{settings.port} "
           f"(admin routes {'on' if settings.admin_token else 'off: set SPARSEDIAL_ADMIN_TOKEN'})", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level))
+    app.state.on_load_failed = lambda reason: setattr(server, "should_exit", True)
+    server.run()
+    reason = app.state.sparsedial.load_error
+    if reason:  # vLLM and TGI exit too: a server that can never serve should not look alive to a supervisor
+        raise SparsedialError(f"the model could not be loaded: {reason}")
     return 0
 
 
@@ -230,6 +242,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-running", type=int, help="requests decoded at once (KV slots)")
     s.add_argument("--max-waiting", type=int, help="waiting-queue bound before 429")
     s.add_argument("--log-level", help="uvicorn log level")
+    s.add_argument("--allow-external-base", action="store_true", default=None,
+                   help="let an elastic checkpoint's base weights lie outside its parent folder")
     s.set_defaults(func=cmd_serve)
 
 

@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import uvicorn
 from fake_engine import FakeEngine
 from sparsedial.server import ServerSettings, create_app
+from sparsedial.server.live import LiveServer
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 (port 0 = a free port) in a background thread."""
-
-    def __init__(self, app, engine=None) -> None:
-        self.app, self.engine = app, engine
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self
-
-    @property
-    def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "uvicorn thread did not stop"
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from sparsedial.clients import (
     NotFoundError,
     RateLimitError,
     SparseDial,
-    UnprocessableEntityError,
 )
 
 
@@ -48,15 +47,17 @@ def test_prompt_longer_than_context_is_400(server, engine):
     assert e.value.code == "context_length_exceeded" and "context of 256 tokens" in e.value.message
 
 
-def test_schema_error_is_422_via_sdk(server):
-    with SparseDial(server.url, max_retries=0) as c, pytest.raises(UnprocessableEntityError) as e:
+def test_schema_error_is_400_via_sdk(server):
+    """OpenAI and vLLM answer schema errors with 400, so openai.BadRequestError handlers catch them."""
+    with SparseDial(server.url, max_retries=0) as c, pytest.raises(BadRequestError) as e:
         c.completions.create(model="fake-model", prompt="x", n=0)
-    assert e.value.param == "n" and e.value.status_code == 422
+    assert e.value.param == "n" and e.value.status_code == 400
 
 
-def test_invalid_json_is_422(server):
+def test_invalid_json_is_400_without_a_param(server):
     r = httpx.post(server.url + "/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert "invalid JSON" in _error(r, 422)["message"]
+    err = _error(r, 400)
+    assert "invalid JSON" in err["message"] and err["param"] is None
 
 
 def test_unknown_route_uses_error_shape(server):

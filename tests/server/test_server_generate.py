@@ -71,9 +71,9 @@ def test_sdk_generate_and_stream(server):
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "sparsty": "50%"}, "sparsty"),
 ])
-def test_generate_schema_errors_are_422_naming_the_field(server, payload, field):
+def test_generate_schema_errors_are_400_naming_the_field(server, payload, field):
     r = httpx.post(f"{server.url}/generate", json=payload)
-    assert r.status_code == 422
+    assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == field and field in err["message"]
     assert err["type"] == "invalid_request_error"

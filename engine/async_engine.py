@@ -109,7 +109,8 @@ class AsyncEngine:
         self.error: BaseException | None = None  # set when the loop itself failed (not one request): unhealthy
         self._scoring: Counter[str] = Counter()  # tiers that prompt_logprobs calls wait for or run at
         self.builder = TierBuilder(em, self._cond, self._tiers_in_use, self.core.fail_waiting, config.cpu_threads)
-        self.core.builder, self.core.runner.evict = self.builder, False
+        if config.tier_builder:
+            self.core.builder, self.core.runner.evict = self.builder, False
 
     # ----------------------------------------------------------------------------------------- protocol
     def resolve_tier(self, requested: TierRequest) -> str | None:

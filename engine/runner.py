@@ -76,6 +76,10 @@ class EngineConfig:
     """How `auto` requests get their tier (fixed default, or load ladder with hysteresis)."""
     model_name: str | None = None
     """Name the model is served under; None = the model directory's name."""
+    tier_builder: bool = True
+    """Build on-demand tiers on their own thread (engine/tier_builder.py); False builds them on the model thread
+    inside a step, stalling every request in flight meanwhile (kept to measure the difference:
+    benchmarks/bench_tier_builds.py)."""
     allow_external_base: bool = False
     """Let an elastic checkpoint's base weights lie outside its parent folder (elastic_format.resolve_base_weights)."""
     cpu_threads: int | None = 1

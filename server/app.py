@@ -23,6 +23,7 @@ from sparsedial.errors import SparsedialError
 
 from .deps import ServerState, resolve_tier
 from .errors import APIError, install_error_handlers, public_reason
+from .limits import BodyLimit
 from .metrics import ServerMetrics
 from .serving import ClientDisconnected
 from .settings import ServerSettings
@@ -106,9 +107,9 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     from .routes_openai import router as openai_router
 
     settings = settings or ServerSettings()
-    # max_body_size: FastAPI's own limit (413 before the body is parsed, Content-Length or streamed)
-    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan, max_body_size=settings.max_body_bytes,
+    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan,
                   description="Serve one elastic sparse LLM at many sparsity tiers.")
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     state = ServerState(settings=settings, metrics=ServerMetrics(), engine=engine)
     if engine is not None:
         apply_default_tier(engine, settings.default_tier)

@@ -56,8 +56,11 @@ _ABS_DIRS = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:,()]+/)+")
 def public_reason(exc: BaseException) -> str:
     """An error message fit for an unauthenticated client: absolute directories cut down to the file name
     (the full message goes to the server log)."""
-    message = exc.message if isinstance(exc, APIError) else str(exc)
-    return f"{type(exc).__name__}: {_ABS_DIRS.sub('', message)}"
+    if isinstance(exc, APIError):  # a setting the model does not accept: name the setting
+        head, message = exc.param or "settings", exc.message
+    else:
+        head, message = type(exc).__name__, str(exc)
+    return f"{head}: {_ABS_DIRS.sub('', message)}"
 
 
 def from_engine_error(exc: Exception) -> APIError | None:

@@ -224,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run()
     reason = app.state.sparsedial.load_error
     if reason:  # vLLM and TGI exit too: a server that can never serve should not look alive to a supervisor
-        raise SparsedialError(f"the model could not be loaded: {reason}")
+        raise SparsedialError(f"the server could not start: {reason}")
     return 0
 
 

@@ -7,7 +7,8 @@ compared with after it shared batches with a hostile request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -61,22 +62,28 @@ def server(serve) -> LiveServer:
     return serve()
 
 
-def token_ids(url: str, body: dict, timeout: float = 60.0) -> tuple[int, list[int], dict]:
-    """POST /generate (streamed, so token ids come back); (status, token ids, final event or error body)."""
-    import json
+def sse_events(lines: Iterable[str]) -> Iterator[dict]:
+    """The JSON events of a server-sent event stream, up to `data: [DONE]`."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
+
+def token_ids(url: str, body: dict, timeout: float = 60.0,
+              on_token: Callable[[int], None] | None = None) -> tuple[int, list[int], dict]:
+    """POST /generate (streamed, so token ids come back); (status, token ids, final event or error body).
+    `on_token(id)` is called as each token arrives."""
     ids: list[int] = []
     last: dict = {}
     with httpx.stream("POST", f"{url}/generate", json={**body, "stream": True}, timeout=timeout) as r:
         if r.status_code != 200:
             r.read()
             return r.status_code, [], r.json()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
+        for ev in sse_events(r.iter_lines()):
             if ev.get("type") == "token":
                 ids.append(ev["token_id"])
+                if on_token is not None:
+                    on_token(ev["token_id"])
             else:
                 last = ev
     return 200, ids, last

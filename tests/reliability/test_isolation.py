@@ -7,7 +7,6 @@ a clear answer and that the victim's tokens are exactly those of the same reques
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,20 +29,10 @@ class Victim:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        ids: list[int] = []
-        last: dict = {}
-        with httpx.stream("POST", f"{self.url}/generate", json={**self.body, "stream": True}, timeout=120) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ev = json.loads(line[6:])
-                if ev.get("type") == "token":
-                    ids.append(ev["token_id"])
-                    self.started.set()
-                else:
-                    last = ev
-        self.result = (r.status_code, ids, last)
-        self.started.set()
+        try:
+            self.result = token_ids(self.url, self.body, timeout=120, on_token=lambda _: self.started.set())
+        finally:
+            self.started.set()
 
     def __enter__(self) -> Victim:
         self._thread.start()

@@ -293,10 +293,11 @@ class EngineCore:
         return False
 
     def tiers_in_use(self) -> set[str]:
-        """Tiers that live requests or the policy need (never evicted from the on-demand cache)."""
+        """Tiers that live requests or the policy's current auto tier need (never evicted from the on-demand
+        cache). The ladder's other tiers are not held: a ladder naming more on-demand tiers than the cache
+        holds must not wedge it."""
         s = self.scheduler
-        used = {seq.tier for seq in [*s.running, *s.waiting] if seq.tier}
-        return used | {self.policy.spec.default_tier} | {t for _, t in self.policy.spec.ladder}
+        return {seq.tier for seq in [*s.running, *s.waiting] if seq.tier} | {self.policy.tier}
 
     def fail_all(self, message: str) -> None:
         """Fail every request in flight with `message` (the engine cannot go on); under the lock."""

@@ -8,7 +8,7 @@ other clients asked for distinct unlisted tiers). Here the model thread only eve
 (a few dict stores) and its requests wait in the queue until their tier is ready (scheduler `ready`).
 
 Bounded: one build at a time, in request order; the on-demand cache holds `cache_tiers` tiers, and a tier
-that some live request, the policy or the current step uses is never evicted, so when the cache is full of
+that a live request or the policy's current auto tier uses is never evicted, so when the cache is full of
 tiers in use a new build waits until one is released (its requests wait in the bounded queue, 429 beyond).
 A build that fails fails the requests waiting for that tier, with its error, and nothing else.
 """

@@ -44,7 +44,7 @@ VICTIM_TIERS = ("dense", "2:4")
 PATHS = {"generate": "/generate", "completions": "/v1/completions", "chat": "/v1/chat/completions"}
 ERROR_KEYS = {"message", "type", "param", "code"}
 KINDS = ("valid", "victim", "invalid", "admin")
-HELD = re.compile(r"^sparsedial_num_requests_(running|waiting) (\S+)$", re.MULTILINE)  # /metrics gauges
+HELD = re.compile(r"^sparsedial_num_requests_(running|waiting)(?:\{[^}]*\})? (\S+)$", re.MULTILINE)  # /metrics gauges
 
 
 @dataclass
@@ -383,7 +383,9 @@ async def _check_drained(s: Soak, within_s: float = 10.0) -> None:
         if not any(held.values()) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
-    if any(held.values()):
+    if set(held) != {"running", "waiting"}:  # the check must not pass because the gauges went missing
+        s.report.violation(f"/metrics lacks the running/waiting gauges (found {sorted(held)})")
+    elif any(held.values()):
         s.report.violation(f"{within_s:g} s after the last client finished the engine still holds {held}")
 
 

@@ -21,9 +21,10 @@ TierRequest = str | float | None  # "dense" | "2:4" | "<n>%" | float in [0, max]
 class UnknownTierError(SparsedialError, ValueError):
     """The requested sparsity is not served by this model. `tiers` lists the valid names."""
 
-    def __init__(self, requested: object, tiers: list[str]) -> None:
-        self.requested, self.tiers = requested, tiers
-        super().__init__(f"unknown sparsity tier {requested!r}; available: {', '.join(tiers)}, auto")
+    def __init__(self, requested: object, tiers: list[str], max_percent: int = 0) -> None:
+        self.requested, self.tiers, self.max_percent = requested, tiers, max_percent
+        percents = f", or any whole percent from 1% to {max_percent}%" if max_percent >= 1 else ""
+        super().__init__(f"unknown sparsity tier {requested!r}; available: {', '.join(tiers)}, auto{percents}")
 
 
 class PromptTooLongError(SparsedialError, ValueError):

@@ -101,6 +101,7 @@ class AsyncEngine:
         self.model_name = config.model_name or config.model.name
         self.tiers = em.tiers
         self.max_context = self.core.max_context
+        self.vocab_size = self.core.vocab_size
         self.tokenizer = em.tokenizer
         self._cond = threading.Condition(self.core.lock)
         self._thread: threading.Thread | None = None

@@ -169,7 +169,7 @@ class ElasticModel:
             return requested.strip()
         value = _as_fraction(requested)
         if value is None or not 0.0 <= value <= self.max_sparsity + 1e-9:
-            raise UnknownTierError(requested, self.tiers)
+            raise UnknownTierError(requested, self.tiers, round(self.max_sparsity * 100))
         percent = round(value * 100)
         if percent == 0:
             if "dense" not in self._specs:

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from sparsedial.engine.api import EngineProtocol
 
 from sparsedial import __version__
 from sparsedial.errors import SparsedialError
 
-from .deps import ServerState, resolve_tier
+from .deps import ServerState, require_api_key, resolve_tier
 from .errors import APIError, install_error_handlers, public_reason
 from .limits import BodyLimit
 from .metrics import ServerMetrics
@@ -76,6 +77,7 @@ async def _load(app: FastAPI, state: ServerState, factory: EngineFactory | None)
             hook(state.load_error)
         return
     state.engine, state.owns_engine = engine, True
+    state.metrics.model_name = state.model_id(engine)
     log.info("engine ready: %s, tiers %s", engine.model_name, ", ".join(engine.tiers))
 
 
@@ -105,12 +107,15 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     from .routes_admin import router as admin_router
     from .routes_generate import router as generate_router
     from .routes_openai import router as openai_router
+    from .routes_tokens import router as tokens_router
 
     settings = settings or ServerSettings()
     app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan,
                   description="Serve one elastic sparse LLM at many sparsity tiers.")
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     state = ServerState(settings=settings, metrics=ServerMetrics(), engine=engine)
+    if engine is not None:
+        state.metrics.model_name = state.model_id(engine)
     if engine is not None:
         apply_default_tier(engine, settings.default_tier)
     app.state.sparsedial = state
@@ -119,6 +124,10 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     app.state.on_error = state.metrics.observe_error
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _client_gone)
-    for router in (generate_router, openai_router, admin_router):
-        app.include_router(router)
+    for router in (generate_router, openai_router, tokens_router):  # the inference routes: API key if set
+        app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin_router)
+    if settings.allowed_origins:  # browsers on other origins (a web UI) may call the API, preflight included
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     return app

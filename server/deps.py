@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import uuid
 from dataclasses import dataclass
 
@@ -32,6 +33,18 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.sparsedial
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless `Authorization: Bearer <api_key>` matches the configured key (compared in constant time);
+    nothing to check when no key is configured."""
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode()):
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 def get_engine(request: Request) -> EngineProtocol:

@@ -7,7 +7,7 @@ block marked `sparsedial extensions` (the official client sends them with `extra
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -19,8 +19,9 @@ def _now() -> int:
 
 
 class _OpenAIRequest(RequestModel):
-    """Fields common to both endpoints."""
-
+    """Fields common to both endpoints. Fields of OpenAI's (and vLLM's) API that sparsedial does not implement
+    are accepted at their neutral value and refused with a 400 `unsupported_parameter` otherwise
+    (routes_openai.UNSUPPORTED), so a client that always sends them works and none is silently ignored."""
 
     model: str = Field(description="A model id from /v1/models: the model, or `<model>@<tier>`.")
     temperature: float = Field(1.0, ge=0.0, le=100.0)
@@ -33,6 +34,14 @@ class _OpenAIRequest(RequestModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted for compatibility; must be 0.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted for compatibility; must be 0.")
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="Accepted for compatibility; must be empty.")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    tools: list[dict[str, Any]] | None = Field(None, description="Accepted for compatibility; must be empty.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" without tools.')
+    parallel_tool_calls: bool | None = None
+    # vLLM's sampling extensions
+    min_tokens: int = Field(0, ge=0, description="Accepted for compatibility (vLLM); must be 0.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Accepted for compatibility (vLLM); must be 1.")
 
     # --- sparsedial extensions (not in OpenAI's API) ---
     sparsity: Sparsity = Field(None, description=SPARSITY_DESCRIPTION)
@@ -46,6 +55,8 @@ class CompletionRequest(_OpenAIRequest):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, description="Accepted for compatibility; must equal n.")
+    suffix: str | None = Field(None, description="Accepted for compatibility; must be empty.")
 
 
 class ChatContentPart(RequestModel):
@@ -171,6 +182,7 @@ class ModelCard(BaseModel):
     owned_by: str = "sparsedial"
     root: str
     parent: str | None = None
+    max_model_len: int | None = Field(None, description="Context length in tokens (prompt + completion), as vLLM.")
     # --- sparsedial extensions ---
     tier: str | None = Field(None, description="The tier this id pins; None for the model itself (auto).")
 
@@ -178,3 +190,25 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------------------------------ /tokenize, /detokenize (vLLM)
+class TokenizeRequest(RequestModel):
+    model: str | None = Field(None, description="A model id from /v1/models (optional: there is one model).")
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -73,7 +73,7 @@ async def generate(body: GenerateRequest, request: Request, state: ServerState =
                              logprobs=body.logprobs, ignore_eos=body.ignore_eos)
     ids = await tokenize(engine, state.settings, body.prompt)
     rid = new_id("gen")
-    run = RequestRun.start(engine, state.metrics, "generate", [(ids, params, tier)], rid)
+    run = RequestRun.start(engine, state.metrics, "/generate", [(ids, params, tier)], rid)
     poll = state.settings.disconnect_poll_s
     if body.stream:
         _, events = await guarded_stream(run, request, poll)

@@ -58,10 +58,25 @@ Job = tuple[str | list[int], object, str | None]
 async def list_models(state: ServerState = Depends(get_state),
                       engine: EngineProtocol = Depends(get_engine)) -> ModelList:
     """The model (tier chosen by the policy) and one `<model>@<tier>` entry per tier, with `parent`."""
-    name = state.model_id(engine)
-    cards = [ModelCard(id=name, root=name)]
-    cards += [ModelCard(id=f"{name}@{t}", root=name, parent=name, tier=t) for t in engine.tiers]
-    return ModelList(data=cards)
+    return ModelList(data=_cards(state, engine))
+
+
+def _cards(state: ServerState, engine: EngineProtocol) -> list[ModelCard]:
+    name, ctx = state.model_id(engine), engine.max_context
+    cards = [ModelCard(id=name, root=name, max_model_len=ctx)]
+    return cards + [ModelCard(id=f"{name}@{t}", root=name, parent=name, tier=t, max_model_len=ctx)
+                    for t in engine.tiers]
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def retrieve_model(model_id: str, state: ServerState = Depends(get_state),
+                         engine: EngineProtocol = Depends(get_engine)) -> ModelCard:
+    """One entry of /v1/models (openai-python's `models.retrieve`); 404 for an id this server does not serve."""
+    for card in _cards(state, engine):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"model {model_id!r} not found; available: {', '.join(model_ids(state, engine))}",
+                   param="model", code="model_not_found")
 
 
 def finish_reason(ev: FinishEvent) -> str:
@@ -75,11 +90,26 @@ def usage_of(finishes: list[FinishEvent], n: int) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+# field -> (is its value the neutral one?, what to send instead): accepted for compatibility only
+UNSUPPORTED = {
+    "presence_penalty": (lambda b: b.presence_penalty == 0, "send 0 or leave it out"),
+    "frequency_penalty": (lambda b: b.frequency_penalty == 0, "send 0 or leave it out"),
+    "logit_bias": (lambda b: not b.logit_bias, "leave it out"),
+    "response_format": (lambda b: b.response_format in (None, {"type": "text"}), 'send {"type": "text"}'),
+    "tools": (lambda b: not b.tools, "leave it out"),
+    "tool_choice": (lambda b: b.tool_choice in (None, "none", "auto"), 'send "none" or leave it out'),
+    "min_tokens": (lambda b: b.min_tokens == 0, "send 0 or leave it out"),
+    "repetition_penalty": (lambda b: b.repetition_penalty == 1.0, "send 1 or leave it out"),
+    "best_of": (lambda b: getattr(b, "best_of", None) in (None, b.n), "send best_of = n or leave it out"),
+    "suffix": (lambda b: not getattr(b, "suffix", None), "leave it out"),
+}
+
+
 def _check_common(body: _OpenAIRequest, state: ServerState) -> None:
     check_n(state.settings, body.n)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} is not supported by sparsedial (send 0 or leave it out)", param=name,
+    for name, (neutral, advice) in UNSUPPORTED.items():
+        if not neutral(body):
+            raise APIError(400, f"{name} is not supported by sparsedial ({advice})", param=name,
                            code="unsupported_parameter")
 
 
@@ -152,7 +182,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
         tiers: list[str | None] = [s.tier for s in scored]
     else:
         scored, tiers = None, [tier] * len(prompts)
-    run = RequestRun.start(engine, state.metrics, "completions",
+    run = RequestRun.start(engine, state.metrics, "/v1/completions",
                            _jobs(state, body, ids, tiers, max_tokens, body.logprobs), rid)
     echo_texts = [_prompt_text(engine, p) if body.echo else "" for p in prompts]
     if body.stream:
@@ -239,7 +269,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     ids = await tokenize(engine, state.settings, prompt)
     rid, poll = new_id("chatcmpl"), state.settings.disconnect_poll_s
     jobs = _jobs(state, body, [ids], [tier], _chat_max_tokens(body, engine, len(ids)), top)
-    run = RequestRun.start(engine, state.metrics, "chat", jobs, rid)
+    run = RequestRun.start(engine, state.metrics, "/v1/chat/completions", jobs, rid)
     if body.stream:
         _, events = await guarded_stream(run, request, poll)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

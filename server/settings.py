@@ -6,11 +6,13 @@ Every field reads from an environment variable `SPARSEDIAL_<FIELD>` (e.g. `SPARS
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TIER_SYNTAX = re.compile(r"dense|auto|\d+:\d+|\d+(\.\d+)?%|0?\.\d+|[01](\.0*)?")
@@ -41,6 +43,13 @@ class ServerSettings(BaseSettings):
     backend: str = Field("auto", description="Sparse backend: auto (triton on CUDA, else torch), torch or triton.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables the "
                                                             "admin routes (403).")
+    api_key: SecretStr | None = Field(None, description="Bearer token required on /generate, /v1/*, /tokenize and "
+                                                        "/detokenize (as vLLM's --api-key); unset: open. /health, "
+                                                        "/metrics and the playground stay open.")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Browser origins allowed by CORS (e.g. "
+                                                                         "http://localhost:3000, or *); "
+                                                                         "comma-separated in the env. Empty: "
+                                                                         "no CORS headers.")
     default_tier: str | None = Field(None, description="Initial default tier for `auto` requests; None keeps "
                                                        "the engine's own default.")
     max_waiting: int | None = Field(None, ge=1, description="Waiting-queue limit before 429; None keeps the "
@@ -100,7 +109,16 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"backend must be auto, torch or triton, got {v!r}")
         return v
 
-    @field_validator("admin_token")
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):  # SPARSEDIAL_ALLOWED_ORIGINS=http://a,http://b, or a JSON list
+            if v.strip().startswith("["):
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("api_key", "admin_token")
     @classmethod
     def _check_token(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and not v.get_secret_value():

@@ -106,16 +106,20 @@ def test_metrics_have_tier_labels_and_gauges(server, engine):
         with pytest.raises(BadRequestError):
             c.generate("x", sparsity="99%")
     text = httpx.get(server.url + "/metrics").text
-    assert 'sparsedial_requests_total{endpoint="generate",finish_reason="length",tier="50%"} 1.0' in text
-    assert 'sparsedial_requests_total{endpoint="completions",finish_reason="length",tier="2:4"} 1.0' in text
-    assert 'sparsedial_generation_tokens_total{tier="50%"} 3.0' in text
-    assert 'sparsedial_prompt_tokens_total{tier="2:4"} 1.0' in text
+    assert ('sparsedial_requests_total{endpoint="/generate",finish_reason="length",model_name="fake-model",'
+            'tier="50%"} 1.0') in text
+    assert ('sparsedial_requests_total{endpoint="/v1/completions",finish_reason="length",model_name="fake-model",'
+            'tier="2:4"} 1.0') in text
+    assert 'sparsedial_generation_tokens_total{model_name="fake-model",tier="50%"} 3.0' in text
+    assert 'sparsedial_prompt_tokens_total{model_name="fake-model",tier="2:4"} 1.0' in text
     for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds"):
-        assert f'sparsedial_{hist}_count{{tier="50%"}}' in text
-    assert 'sparsedial_request_errors_total{endpoint="/generate",status="400"} 1.0' in text
-    assert "sparsedial_num_requests_running 0.0" in text and "sparsedial_num_requests_waiting 0.0" in text
-    assert 'sparsedial_default_tier{tier="dense"} 1.0' in text and 'sparsedial_default_tier{tier="2:4"} 0.0' in text
+        assert f'sparsedial_{hist}_count{{model_name="fake-model",tier="50%"}}' in text
+    assert 'sparsedial_request_errors_total{endpoint="/generate",model_name="fake-model",status="400"} 1.0' in text
+    assert 'sparsedial_num_requests_running{model_name="fake-model"} 0.0' in text
+    assert 'sparsedial_num_requests_waiting{model_name="fake-model"} 0.0' in text
+    assert 'sparsedial_default_tier{model_name="fake-model",tier="dense"} 1.0' in text
+    assert 'sparsedial_default_tier{model_name="fake-model",tier="2:4"} 0.0' in text
 
 
 def test_each_app_has_its_own_registry(serve):

@@ -105,12 +105,14 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     """A FastAPI app serving `engine`, or the one `engine_factory(settings)` (default: an AsyncEngine on
     `settings.model`) builds in a worker thread during the lifespan."""
     from .routes_admin import router as admin_router
+    from .routes_docs import router as docs_router
     from .routes_generate import router as generate_router
     from .routes_openai import router as openai_router
     from .routes_tokens import router as tokens_router
 
     settings = settings or ServerSettings()
-    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan,
+    # docs_url/redoc_url off: their pages load scripts from a CDN (blank offline); routes_docs serves /docs
+    app = FastAPI(title="sparsedial", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None,
                   description="Serve one elastic sparse LLM at many sparsity tiers.")
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     state = ServerState(settings=settings, metrics=ServerMetrics(), engine=engine)
@@ -127,6 +129,7 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     for router in (generate_router, openai_router, tokens_router):  # the inference routes: API key if set
         app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(admin_router)
+    app.include_router(docs_router)
     if settings.allowed_origins:  # browsers on other origins (a web UI) may call the API, preflight included
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])

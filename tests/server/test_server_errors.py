@@ -175,3 +175,13 @@ def test_failed_load_reports_reason(serve, tmp_path):
 def test_bad_request_class_for_sampling_values(server):
     with SparseDial(server.url, max_retries=0) as c, pytest.raises(BadRequestError, match="top_logprobs"):
         c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+
+
+def test_docs_page_works_offline(server):
+    """/docs lists the routes from the OpenAPI schema with no script or stylesheet from elsewhere."""
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "<code>/generate</code>" in page.text and "<code>/v1/chat/completions</code>" in page.text
+    assert "<script" not in page.text and "://" not in page.text  # nothing to fetch from a CDN
+    assert httpx.get(server.url + "/redoc").status_code == 404
+    assert "/generate" in httpx.get(server.url + "/openapi.json").json()["paths"]

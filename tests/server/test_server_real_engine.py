@@ -160,3 +160,18 @@ def test_metrics_label_endpoints_alike_and_carry_the_model_name(real):
 def test_unknown_tier_error_mentions_whole_percents(real):
     r = httpx.post(f"{real.url}/generate", json={"prompt": "x", "sparsity": "95%"})
     assert "or any whole percent from 1% to 90%" in r.json()["error"]["message"]
+
+
+def test_grafana_dashboard_queries_metrics_the_server_exports(real):
+    """Every metric a panel of docker/grafana/sparsedial.json queries is one /metrics exports (with the
+    model_name label the dashboard filters on), after a little traffic."""
+    import json
+    import re
+
+    httpx.post(f"{real.url}/generate", json={"prompt": PROMPT, "max_tokens": 3, "sparsity": "50%"})
+    httpx.post(f"{real.url}/generate", json={"prompt": PROMPT, "sparsity": "13:7"})
+    exported = set(re.findall(r"^(sparsedial_\w+?)\{[^}]*model_name=", httpx.get(f"{real.url}/metrics").text,
+                              re.MULTILINE))
+    dash = json.loads((Path(__file__).resolve().parents[2] / "docker" / "grafana" / "sparsedial.json").read_text())
+    queried = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"sparsedial_\w+", t["expr"])}
+    assert len(queried) >= 10 and queried <= exported, sorted(queried - exported)

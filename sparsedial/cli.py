@@ -1,4 +1,4 @@
-"""The `sparsedial` command line: `serve`, `generate`, `compress` and `eval-ppl`.
+"""The `sparsedial` command line: `serve`, `generate`, `compress`, `eval-ppl` and `import-gguf`.
 
 Errors in user input (missing model, bad option values) print one line `sparsedial: error: ...` and exit
 with status 2; no stack traces.
@@ -183,6 +183,37 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_compress)
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from sparsedial.engine.gguf_import import import_gguf
+
+    r = import_gguf(args.gguf, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    c = r.config
+    print(f"import-gguf: wrote {r.out} ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+          f"vocab {c['vocab_size']}, {r.tensors} tensors in {args.dtype}, {r.shards} file(s))")
+    return 0
+
+
+def _add_import_gguf_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-gguf", help="convert a llama.cpp GGUF file (Llama family) into a model directory",
+        description="Convert a llama.cpp GGUF file (general.architecture llama with a byte-level BPE "
+                    "tokenizer: Llama 3.x, SmolLM/SmolLM2...; SentencePiece vocabularies such as Llama 2's are "
+                    "not supported yet) into a Hugging Face model directory (config.json, "
+                    "tokenizer.json, model.safetensors) that sparsedial serves and compresses. Tensors in F32, "
+                    "F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q2_K..Q6_K are dequantized to --dtype. The "
+                    "files are written into a temporary folder next to --out and renamed into place at the "
+                    "end: an interrupted import leaves nothing behind, and resuming means rerunning it.")
+    p.add_argument("gguf", type=Path, metavar="FILE.gguf", help="the GGUF file")
+    p.add_argument("--out", type=Path, required=True, help="model directory to create")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of the written weights (default: bfloat16)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import_gguf)
+
+
 def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
     """The stdlib splits depend on the Python version; say so when it differs from the model's training."""
     import json
@@ -280,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_ppl)
     _add_compress_parser(sub)
     _add_serve_parser(sub)
+    _add_import_gguf_parser(sub)
     return parser
 
 

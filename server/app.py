@@ -106,6 +106,7 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     `settings.model`) builds in a worker thread during the lifespan."""
     from .routes_admin import router as admin_router
     from .routes_docs import router as docs_router
+    from .routes_playground import router as playground_router
     from .routes_generate import router as generate_router
     from .routes_openai import router as openai_router
     from .routes_tokens import router as tokens_router
@@ -130,6 +131,7 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
         app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(admin_router)
     app.include_router(docs_router)
+    app.include_router(playground_router)  # no API key: the page sends it itself on /generate
     if settings.allowed_origins:  # browsers on other origins (a web UI) may call the API, preflight included
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])

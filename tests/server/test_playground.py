@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from conftest import REAL_MODEL
 from fake_engine import FakeEngine
 from sparsedial.server import ServerSettings, create_app
 from sparsedial.server.live import LiveServer
@@ -25,9 +26,7 @@ from sparsedial.server.routes_playground import router as playground_router
 from sparsedial.server.routes_playground import static_path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ROOT / "models"
-MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic" / "elastic.json").is_file() \
-    else MODELS / "stdlib-tiny"
+MODEL = REAL_MODEL  # conftest: the embedded elastic model, as real_engine loads it
 SCREENSHOT = ROOT / "docs" / "figures" / "playground.png"
 CHROMIUM = os.environ.get("SPARSEDIAL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -142,16 +141,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def real_engine():
-    engine_mod = pytest.importorskip("sparsedial.engine.async_engine")
-    from sparsedial.engine.runner import EngineConfig
-
-    engine = engine_mod.AsyncEngine(EngineConfig(model=MODEL, device="cpu", max_batch=4))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture

@@ -9,23 +9,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
+from conftest import REAL_MODEL, LiveServer
 from sparsedial.server import ServerSettings, create_app
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
-MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic" / "elastic.json").is_file() \
-    else MODELS / "stdlib-tiny"
+MODEL = REAL_MODEL  # conftest: the embedded elastic model, as real_engine loads it
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def real_engine():
-    engine_mod = pytest.importorskip("sparsedial.engine.async_engine")
-    from sparsedial.engine.runner import EngineConfig
-
-    engine = engine_mod.AsyncEngine(EngineConfig(model=MODEL, device="cpu", max_batch=4))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture

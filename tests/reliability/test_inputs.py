@@ -56,7 +56,9 @@ def test_a_long_prompt_does_not_stall_the_event_loop(server):
     result: dict = {}
 
     def send():
+        t0 = time.monotonic()
         result["r"] = httpx.post(f"{server.url}/generate", json={"prompt": prompt, "max_tokens": 1}, timeout=120)
+        result["s"] = time.monotonic() - t0
 
     t = threading.Thread(target=send)
     t.start()
@@ -69,7 +71,9 @@ def test_a_long_prompt_does_not_stall_the_event_loop(server):
     t.join()
     assert len(health) >= 3, "tokenization ended too soon to watch"
     assert all(code == 200 for code, _ in health)
-    assert max(s for _, s in health) < 1.0, health  # a liveness bound, far above a normal /health
+    # relative to the request's own time, so a slow or busy machine does not fail it: with tokenization on the
+    # event loop one /health waited for (nearly) all of it
+    assert max(s for _, s in health) < result["s"] / 2, (health, result["s"])
     _error(result["r"], 400, "prompt")  # far longer than the 1024-token context
 
 

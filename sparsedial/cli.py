@@ -269,7 +269,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible + /generate); defaults: "
-                                     "the embedded model on 127.0.0.1:8000")
+                                     "the embedded model on 127.0.0.1:8000",
+                       epilog="examples: sparsedial serve --default-tier 50%  |  sparsedial serve --model "
+                              "models/smollm2-135m-instruct --port 9000  |  SPARSEDIAL_ADMIN_TOKEN=secret "
+                              "sparsedial serve --host 0.0.0.0. Options left out come from SPARSEDIAL_<OPTION> "
+                              "env vars, then the defaults in docs/api.md.")
     s.add_argument("--host", help="interface to bind (env SPARSEDIAL_HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="TCP port (env SPARSEDIAL_PORT; default 8000)")
     s.add_argument("--model", type=Path, help="model directory (default: the embedded elastic model)")
@@ -295,7 +299,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from sparsedial import __version__
 
-    parser = argparse.ArgumentParser(prog="sparsedial", description="Serve one elastic sparse LLM at many tiers.")
+    parser = argparse.ArgumentParser(prog="sparsedial", description="Serve one elastic sparse LLM at many tiers.",
+                                     epilog="start with: sparsedial serve, then open http://127.0.0.1:8000/ "
+                                            "(the playground); each command has --help with examples")
     parser.add_argument("--version", action="version", version=f"sparsedial {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -252,7 +252,9 @@ def test_generation_streams_text_and_shows_the_serving_tier(ui, live):
     assert re.fullmatch(r"\d+(\.\d+)? m?s", ui.text("#ttft-a")), ui.text("#ttft-a")
     assert float(ui.text("#tps-a")) > 0
     lengths = [n for n in ui.page.evaluate("window.outLengths") if n > 0]
-    assert len(set(lengths)) >= 3, f"output did not stream: {lengths}"
+    # at least one partial state before the full text: chunks that arrive together may render together (a
+    # 2-core CI run saw [45, 206]), so more than two states is not guaranteed
+    assert len(set(lengths)) >= 2 and lengths[0] < lengths[-1], f"output did not stream: {lengths}"
 
 
 def test_moving_the_dial_changes_the_next_requests_tier(ui, live):

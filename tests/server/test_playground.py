@@ -243,10 +243,11 @@ def test_generation_streams_text_and_shows_the_serving_tier(ui, live):
             .observe(document.getElementById('out-a'), {childList: true, characterData: true, subtree: true});
     }""")
     ui.dial("a", "dense")
+    ui.page.fill("#max-tokens", "200")  # a longer stream: more chances to render a partial state
     (sent,) = ui.generate()
-    assert sent == {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "sparsity": "dense", "stream": True}
+    assert sent == {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "sparsity": "dense", "stream": True}
     assert ui.text("#served-a") == "dense"
-    ref = greedy(live, "dense")
+    ref = greedy(live, "dense", max_tokens=200)
     assert ref["text"] and ui.text("#out-a") == ref["text"]
     assert ui.text("#tokens-a") == str(ref["usage"]["completion_tokens"])
     assert re.fullmatch(r"\d+(\.\d+)? m?s", ui.text("#ttft-a")), ui.text("#ttft-a")

@@ -143,13 +143,12 @@ class AsyncEngine:
             raise ValueError("empty prompt (at least one token is needed)")
         if len(ids) > self.max_context:
             raise PromptTooLongError(len(ids), 0, self.max_context)
-        held = name  # None (auto): the policy's tier, which is always kept
         with self._cond:
-            if held is not None:
-                self._scoring[held] += 1
+            if name is not None:  # None (auto): the policy's current tier, which is always kept
+                self._scoring[name] += 1
         try:
-            if held is not None:
-                await self._tier_ready(held)
+            if name is not None:
+                await self._tier_ready(name)
             future: concurrent.futures.Future = concurrent.futures.Future()
             self.start()
             with self._cond:
@@ -161,11 +160,11 @@ class AsyncEngine:
                 self._cond.notify_all()  # the tier builder waits on it too
             return await asyncio.wrap_future(future)
         finally:
-            if held is not None:
+            if name is not None:
                 with self._cond:
-                    self._scoring[held] -= 1
-                    if self._scoring[held] <= 0:
-                        del self._scoring[held]
+                    self._scoring[name] -= 1
+                    if self._scoring[name] <= 0:
+                        del self._scoring[name]
 
     def _check_alive(self) -> None:
         if self.error is not None:

@@ -220,7 +220,6 @@ class EngineCore:
         with self.lock:
             self.scheduler.add(seq)
             if params.max_tokens == 0:
-                seq.tier = seq.tier or self.policy.tier
                 self._finish(seq, "length")
         return rid
 
@@ -230,7 +229,6 @@ class EngineCore:
             seq = self.scheduler.get(request_id)
             if seq is None:
                 return False
-            seq.tier = seq.tier or self.policy.tier
             self._finish(seq, "cancelled")
             return True
 
@@ -303,13 +301,11 @@ class EngineCore:
         """Fail every request in flight with `message` (the engine cannot go on); under the lock."""
         with self.lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-                seq.tier = seq.tier or self.policy.tier
                 self._finish(seq, "error", error=message)
 
     def fail_waiting(self, tier: str, message: str) -> None:
         """Fail the waiting requests of `tier` (its build failed); under the lock."""
         for seq in [q for q in self.scheduler.waiting if (q.tier or self.policy.tier) == tier]:
-            seq.tier = tier
             self._finish(seq, "error", error=message)
 
     def load(self) -> float:
@@ -350,8 +346,7 @@ class EngineCore:
             try:
                 self._accept(row.seq, st, tok, lps.get(i), now)
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request's own
-                if row.seq.status is SeqStatus.RUNNING:
-                    self._finish(row.seq, "error", error=f"{type(e).__name__}: {e}")
+                self._fail_rows([row], e)
 
     def _sample(self, rows: list[ScheduledRow], logits: torch.Tensor, states: list[RequestState]) -> list[int | None]:
         """The next token of each row: one argmax for all greedy rows, a seeded draw of its own for each sampled
@@ -396,6 +391,8 @@ class EngineCore:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End a request with its FinishEvent; one still waiting (auto) is reported at the policy's tier."""
+        seq.tier = seq.tier or self.policy.tier
         self.scheduler.finish(seq.request_id)
         st: RequestState = seq.data
         now = time.monotonic()
@@ -403,7 +400,7 @@ class EngineCore:
         timings = Timings(queue=(st.admitted or now) - st.submitted,
                           ttft=None if st.first_token is None else st.first_token - st.submitted,
                           e2e=now - st.submitted, inter_token=tuple(b - a for a, b in zip(t, t[1:])))
-        st.sink(FinishEvent(reason, st.text.text, seq.tier or "", len(seq.prompt_ids), len(seq.output_ids),
+        st.sink(FinishEvent(reason, st.text.text, seq.tier, len(seq.prompt_ids), len(seq.output_ids),
                             timings, error))
 
     # ----------------------------------------------------------------------------------------- control

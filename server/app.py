@@ -106,9 +106,9 @@ def create_app(settings: ServerSettings | None = None, engine: EngineProtocol | 
     `settings.model`) builds in a worker thread during the lifespan."""
     from .routes_admin import router as admin_router
     from .routes_docs import router as docs_router
-    from .routes_playground import router as playground_router
     from .routes_generate import router as generate_router
     from .routes_openai import router as openai_router
+    from .routes_playground import router as playground_router
     from .routes_tokens import router as tokens_router
 
     settings = settings or ServerSettings()

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import Request
+from pydantic import SecretStr
 from sparsedial.engine.api import EngineProtocol, TierRequest, UnknownTierError
 from sparsedial.engine.sampling import SamplingParams
 
@@ -35,16 +36,19 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.sparsedial
 
 
-def require_api_key(request: Request) -> None:
-    """401 unless `Authorization: Bearer <api_key>` matches the configured key (compared in constant time);
-    nothing to check when no key is configured."""
-    key = get_state(request).settings.api_key
-    if key is None:
-        return
+def bearer_matches(request: Request, secret: SecretStr) -> bool:
+    """True when the request carries `Authorization: Bearer <secret>` (compared in constant time)."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode()):
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+    expected = secret.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless the bearer token is the configured API key; nothing to check when no key is configured."""
+    key = get_state(request).settings.api_key
+    if key is not None and not bearer_matches(request, key):
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def get_engine(request: Request) -> EngineProtocol:
@@ -106,14 +110,18 @@ def sampling_params(settings: ServerSettings, **fields: object) -> SamplingParam
     if longest > settings.max_stop_length:
         raise APIError(400, f"a stop string has {longest} characters; this server accepts at most "
                             f"{settings.max_stop_length}", param="stop", code="invalid_value")
-    lp = fields.get("logprobs")
-    if isinstance(lp, int) and lp > settings.max_logprobs:
-        raise APIError(400, f"logprobs {lp} is above this server's limit of {settings.max_logprobs}",
-                       param="logprobs", code="invalid_value")
+    check_logprobs(settings, fields.get("logprobs"))  # type: ignore[arg-type]
     try:
         return SamplingParams(stop=stops, **fields)  # type: ignore[arg-type]
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+def check_logprobs(settings: ServerSettings, value: int | None, param: str = "logprobs") -> None:
+    """400 when more top alternatives per token are asked for than `max_logprobs`."""
+    if value is not None and value > settings.max_logprobs:
+        raise APIError(400, f"{param} {value} is above this server's limit of {settings.max_logprobs}",
+                       param=param, code="invalid_value")
 
 
 def check_n(settings: ServerSettings, n: int) -> None:
@@ -122,16 +130,17 @@ def check_n(settings: ServerSettings, n: int) -> None:
                        code="invalid_value")
 
 
-async def tokenize(engine: EngineProtocol, settings: ServerSettings, prompt: str | list[int]) -> list[int]:
+async def tokenize(engine: EngineProtocol, settings: ServerSettings, prompt: str | list[int],
+                   add_special_tokens: bool = False) -> list[int]:
     """A prompt's token ids, computed in a worker thread (a long prompt must not stall the event loop and,
     with it, every other request), within `max_prompt_tokens`."""
     if isinstance(prompt, str):
         encode = engine.tokenizer.encode  # type: ignore[attr-defined]
-        ids = await asyncio.to_thread(encode, prompt, add_special_tokens=False)
+        ids = await asyncio.to_thread(encode, prompt, add_special_tokens=add_special_tokens)
     else:
         ids = list(prompt)
     limit = settings.max_prompt_tokens
     if limit is not None and len(ids) > limit:
-        raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {limit}", param="prompt",
-                       code="context_length_exceeded")
+        raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {limit}",
+                       param="prompt", code="context_length_exceeded")
     return ids

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from sparsedial.engine.api import EngineProtocol, PolicySpec
 
-from .deps import ServerState, get_engine, get_state, resolve_tier
+from .deps import ServerState, bearer_matches, get_engine, get_state, resolve_tier
 from .errors import APIError, public_reason
 from .metrics import CONTENT_TYPE
 from .protocol import ErrorResponse, HealthResponse, LadderStep, PolicyOut, TierState, TierUpdate
@@ -23,9 +21,7 @@ def require_admin(request: Request, state: ServerState = Depends(get_state)) -> 
     if token is None:
         raise APIError(403, "admin routes are disabled: set SPARSEDIAL_ADMIN_TOKEN to enable them",
                        code="admin_disabled")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    if not bearer_matches(request, token):
         raise APIError(401, "missing or invalid admin token (send 'Authorization: Bearer <token>')",
                        code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
 

@@ -16,6 +16,7 @@ from sparsedial.engine.api import EngineProtocol, FinishEvent, StreamEvent, Toke
 from .chat import render_chat
 from .deps import (
     ServerState,
+    check_logprobs,
     check_n,
     get_engine,
     get_state,
@@ -121,9 +122,8 @@ def _jobs(state: ServerState, body: _OpenAIRequest, prompts: list[list[int]], ti
         for j in range(body.n):
             seed = None if body.seed is None else body.seed + j
             params = sampling_params(state.settings, max_tokens=max_tokens, temperature=body.temperature,
-                                     top_p=body.top_p,
-                                     top_k=body.top_k, stop=body.stop, seed=seed, logprobs=logprobs,
-                                     ignore_eos=body.ignore_eos)
+                                     top_p=body.top_p, top_k=body.top_k, stop=body.stop, seed=seed,
+                                     logprobs=logprobs, ignore_eos=body.ignore_eos)
             jobs.append((prompt, params, tier))
     return jobs
 
@@ -171,9 +171,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     ids = [await tokenize(engine, state.settings, p) for p in prompts]
     rid, poll = new_id("cmpl"), state.settings.disconnect_poll_s
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    if body.logprobs is not None and body.logprobs > state.settings.max_logprobs:
-        raise APIError(400, f"logprobs {body.logprobs} is above this server's limit of "
-                            f"{state.settings.max_logprobs}", param="logprobs", code="invalid_value")
+    check_logprobs(state.settings, body.logprobs)  # before scoring, which builds no SamplingParams
     if needs_scoring(body):
         scored = await score_prompts(engine, ids, tier, body.logprobs or 0, request, poll)
         if max_tokens == 0:
@@ -261,9 +259,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-    if top is not None and top > state.settings.max_logprobs:
-        raise APIError(400, f"top_logprobs {top} is above this server's limit of {state.settings.max_logprobs}",
-                       param="top_logprobs", code="invalid_value")
+    check_logprobs(state.settings, top, param="top_logprobs")
     # the template runs in a worker thread too: a long conversation must not stall the event loop
     prompt = await asyncio.to_thread(render_chat, engine.tokenizer, body.messages, body.add_generation_prompt)
     ids = await tokenize(engine, state.settings, prompt)

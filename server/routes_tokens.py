@@ -28,11 +28,7 @@ async def tokenize_route(body: TokenizeRequest, state: ServerState = Depends(get
                          engine: EngineProtocol = Depends(get_engine)) -> TokenizeResponse:
     """The prompt's token ids as the engine sees them (no special tokens unless asked)."""
     _check_model(state, engine, body.model)
-    if body.add_special_tokens:
-        encode = engine.tokenizer.encode  # type: ignore[attr-defined]
-        ids = await asyncio.to_thread(encode, body.prompt, add_special_tokens=True)
-    else:
-        ids = await tokenize(engine, state.settings, body.prompt)
+    ids = await tokenize(engine, state.settings, body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
 
 

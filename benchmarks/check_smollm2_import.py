@@ -70,6 +70,24 @@ def main() -> None:
     print(f"perplexity over {r.tokens} tokens (window {args.seq_len}): transformers GGUF loader {r.perplexity:.4f}, "
           f"sparsedial import-gguf {o.perplexity:.4f} ({o.bits_per_byte:.4f} bits/byte); "
           f"transformers' GGUF load took {t_ref:.1f} s")
+    chat(args.model)
+
+
+def chat(model: Path) -> None:
+    """One greedy chat turn through the serving engine, with the model's own chat template."""
+    from sparsedial.engine.runner import EngineConfig, EngineCore
+    from sparsedial.engine.sampling import SamplingParams
+
+    config = EngineConfig(model=model, device="cpu", max_batch=1, max_seq_len=512)
+    core = EngineCore(config.load_model(), config)
+    question = "What is the capital of France?"
+    prompt = core.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                add_generation_prompt=True)
+    t0 = time.perf_counter()
+    (g,) = core.generate([prompt], SamplingParams(max_tokens=20, temperature=0))
+    took = time.perf_counter() - t0
+    print(f"chat, greedy: {question!r} -> {g.finish.text!r} ({g.finish.completion_tokens} tokens in {took:.2f} s, "
+          f"{g.finish.prompt_tokens} prompt tokens)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The elastic checkpoint: one directory that serves every sparsity tier of a model.
 
-Layout (DESIGN.md section 2, safetensors only, no pickle):
+Layout (safetensors only, no pickle; decisions in docs/architecture.md, "Elastic checkpoint"):
 
     config.json, tokenizer files, generation_config.json   copied from the base model (HF layout)
     model.safetensors                                      the dense base weights (HF names)
@@ -64,7 +64,8 @@ LoraMode = Literal["masked", "unmasked"]
 
 
 def keep_count(in_features: int, sparsity: float) -> int:
-    """Weights kept per row at `sparsity` (DESIGN.md): max(1, int(in * (1 - s)))."""
+    """Weights kept per row at `sparsity`: max(1, int(in * (1 - s))) (the nested-mask rule; the epsilon keeps
+    0.7 * 100 from rounding down, docs/architecture.md)."""
     return max(1, int(in_features * (1.0 - sparsity) + 1e-9))
 
 

@@ -3,7 +3,7 @@
 `ElasticLinear` is a plain `y = x @ W.T + b` until an `ElasticModel` attaches its elastic state: the
 linear's maps (drop levels, 2:4 mask, LoRA stack, see engine/elastic_format.py), a shared `TierContext`
 and a small table of materialized tiers for the active backend. The decoder never changes: which tier a
-row runs at is read from the context (STYLE.md #2), so switching tier changes a key, never modules.
+row runs at is read from the context (the linear delegates), so switching tier changes a key, never modules.
 Parameter names match `nn.Linear` (`weight`, `bias`), so HF state dicts load into it unchanged.
 
 Backends of a materialized tier (`TierWeights`):

@@ -1,6 +1,6 @@
 """The model side of a step (`ModelRunner.run`) and the synchronous engine loop (`EngineCore`).
 
-`EngineCore.step()` is the serving loop of STYLE.md #5: `schedule()` (scheduler.py, under the lock) ->
+`EngineCore.step()` is the serving loop, three calls: `schedule()` (scheduler.py, under the lock) ->
 `run()` (the model forwards, outside the lock) -> `postprocess()` (sampling results become tokens, text,
 events, finished requests; under the lock). AsyncEngine runs `step()` in a background thread; the CLI,
 tests and benchmarks call it directly.

@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler: pure Python, no model, no torch (STYLE.md #5).
+"""The continuous-batching scheduler: pure Python, no model, no torch (unit-testable on its own).
 
 Each engine step is `schedule() -> run() -> postprocess()`. `schedule()` decides which tokens of which
 sequences the model computes this step, within a token budget:

@@ -5,7 +5,8 @@ compressed form. Packing is exact: values are copied, never converted, so
 ``unpack(pack(W, mask)) == where(mask, W, +0.0)`` bit for bit (and ``== W * mask`` as values; only the
 sign of dropped zeros can differ).
 
-Byte budget per weight (fp16 values; dense fp16 is 2 bytes, see shared/notes/kernels.md):
+Byte budget per weight (fp16 values; dense fp16 is 2 bytes, so a decode GEMV that streams its weights is
+faster only when a format reads fewer bytes than that, index included):
 
 * ``Packed24``: values ``[N, K/2]`` + a 2-bit index per value = 1 + 0.125 = 1.125 bytes/weight.
 * ``PackedBitmap`` at sparsity ``s``: ``2 (1 - s)`` value bytes + 1 bit/weight of bitmap

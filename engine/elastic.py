@@ -1,7 +1,7 @@
 """ElasticModel: one loaded elastic checkpoint serving every tier, with resident and on-demand tiers.
 
-Loading (the compressor writes, the engine converts for its backend at load: separate phases): the dense base through
-`loader.load_model`, the elastic tensors through `read_elastic` + `validate_tensors`; each `ElasticLinear`
+Loading (the compressor writes, the engine converts for its backend at load: separate phases): the dense
+base through `loader.load_model`, the elastic tensors through `read_elastic` + `validate_tensors`; each `ElasticLinear`
 then gets its maps and a shared `TierContext`, and the resident tiers are materialized for the backend.
 A plain HF directory loads too and serves only "dense".
 

@@ -22,7 +22,7 @@ from sparsedial.compress.calibration import CalibrationConfig, calibration_token
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights  # noqa: E402
 from sparsedial.compress.nested import dense_input_norms  # noqa: E402
 from sparsedial.compress.owl import outlier_ratios, owl_schedule  # noqa: E402
-from sparsedial.engine.evaluate import perplexity, token_stream  # noqa: E402
+from sparsedial.evaluate import perplexity, token_stream  # noqa: E402
 
 from sparsedial import corpus  # noqa: E402
 

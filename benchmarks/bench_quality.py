@@ -31,7 +31,7 @@ from sparsedial.compress.export import load_elastic_for_eval, tier_weights  # no
 from sparsedial.compress.pipeline import compress_epts  # noqa: E402
 from sparsedial.compress.pruners import PruneConfig, overall_sparsity, prune  # noqa: E402
 from sparsedial.engine.elastic_format import LINEAR_NAMES  # noqa: E402
-from sparsedial.engine.evaluate import perplexity, token_stream  # noqa: E402
+from sparsedial.evaluate import perplexity, token_stream  # noqa: E402
 from sparsedial.engine.loader import load_model  # noqa: E402
 
 from sparsedial import corpus  # noqa: E402

@@ -41,7 +41,7 @@ def cpu_name() -> str:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsedial.engine.evaluate import perplexity, token_stream
+    from sparsedial.evaluate import perplexity, token_stream
     from sparsedial.engine.loader import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

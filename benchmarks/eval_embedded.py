@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section  # noqa: E402
-from sparsedial.engine.evaluate import perplexity, token_stream, unigram_perplexity  # noqa: E402
+from sparsedial.evaluate import perplexity, token_stream, unigram_perplexity  # noqa: E402
 from sparsedial.engine.generate import generate  # noqa: E402
 from sparsedial.engine.loader import load_model  # noqa: E402
 from sparsedial.engine.sampling import SamplingParams  # noqa: E402

@@ -64,7 +64,7 @@ def _texts(source: str) -> list[str]:
 
 def calibration_tokens(tokenizer, cfg: CalibrationConfig) -> torch.Tensor:
     """[n_samples, seq_len] int64 token windows drawn uniformly (seeded) from the source's token stream."""
-    from sparsedial.engine.evaluate import token_stream
+    from sparsedial.evaluate import token_stream
 
     return sample_windows(torch.tensor(token_stream(tokenizer, _texts(cfg.source)), dtype=torch.long), cfg)
 

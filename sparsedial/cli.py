@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from sparsedial.engine.evaluate import load_texts, perplexity, token_stream
+    from sparsedial.evaluate import load_texts, perplexity, token_stream
     from sparsedial.engine.loader import load_model
 
     from sparsedial.engine.elastic_format import is_elastic
@@ -113,7 +113,7 @@ def _eval_tiers(args: argparse.Namespace, lm, ids: list[int], n_bytes: int, seq_
     """Perplexity of each requested tier of an elastic checkpoint: tier, measured sparsity, perplexity."""
     from sparsedial.compress.export import load_elastic_for_eval, tier_weights
     from sparsedial.compress.pruners import overall_sparsity
-    from sparsedial.engine.evaluate import perplexity
+    from sparsedial.evaluate import perplexity
 
     lm, spec, tensors = load_elastic_for_eval(args.model, dtype="float32", device=device, loaded=lm,
                                               allow_external_base=args.allow_external_base)

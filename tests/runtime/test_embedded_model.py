@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sparsedial.engine.evaluate import perplexity, token_stream, unigram_perplexity
+from sparsedial.evaluate import perplexity, token_stream, unigram_perplexity
 from transformers import AutoTokenizer
 
 from sparsedial import corpus

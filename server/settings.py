@@ -14,15 +14,10 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sparsedial.paths import default_model
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 TIER_SYNTAX = re.compile(r"dense|auto|\d+:\d+|\d+(\.\d+)?%|0?\.\d+|[01](\.0*)?")
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-
-
-def default_model_dir() -> Path:
-    """The embedded elastic model when it has been built, else the embedded dense model."""
-    elastic = MODELS_DIR / "stdlib-tiny-elastic"
-    return elastic if (elastic / "elastic.json").is_file() else MODELS_DIR / "stdlib-tiny"
 
 
 class ServerSettings(BaseSettings):
@@ -32,10 +27,10 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind; loopback by default, 0.0.0.0 in containers.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free port).")
-    model: Path = Field(default_factory=default_model_dir,
+    model: Path = Field(default_factory=default_model,
                         description="Model directory: an elastic checkpoint or a plain HF model directory. "
-                                    "Default: the embedded models/stdlib-tiny-elastic if present, "
-                                    "else models/stdlib-tiny.")
+                                    "Default (sparsedial.paths.default_model): the embedded "
+                                    "stdlib-tiny-elastic if built, else the embedded stdlib-tiny.")
     served_model_name: str | None = Field(None, description="Model id shown by /v1/models and expected in "
                                                             "requests; default: the engine's model name.")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (CUDA when available).")

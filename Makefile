@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow soak smollm2 bench clean wheel
+.PHONY: setup run test test-slow soak smollm2 smollm2-quality bench clean wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ wheel: setup
 	rm -rf build dist-client/build
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist . ./dist-client
 	@ls -l dist/*.whl
+
+# Compression quality on SmolLM2-135M (docs/quality.md, "SmolLM2-135M-Instruct: every method and tier"): per-tier
+# magnitude, Wanda and SparseGPT, one EPTS run for all tiers, an exported tier checked through transformers.
+# Needs `make smollm2` and the Debian package python3-doc; hours on a 2-core CPU; resumable (rerun to continue).
+SMOLLM2_QUALITY = $(PY) benchmarks/bench_quality_smollm2.py
+smollm2-quality: setup
+	@test -d $(SMOLLM2_DIR) || { echo "run 'make smollm2' first"; exit 1; }
+	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods dense,epts,sparsegpt,wanda,magnitude
+	$(SMOLLM2_QUALITY) hf-check --model $(SMOLLM2_DIR) --tier 70%
+	$(SMOLLM2_QUALITY) report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

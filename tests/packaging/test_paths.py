@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import sparsedial.paths as paths
+from sparsedial import paths
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBPACKAGES = ("engine", "server", "compress", "kernels", "clients", "models")
@@ -28,20 +28,20 @@ sys.path[:] = [p for p in sys.path if "__editable__" not in p]
 sys.path_importer_cache.clear()
 """
 
-IMPORT_ALL = """\
+IMPORT_ALL = f"""\
 import importlib, json
 import sparsedial, sparsedial.paths
 torch = "torch" in sys.modules
-mods = {n: importlib.import_module("sparsedial." + n).__file__ for n in %r}
-print(json.dumps({"torch": torch, "mods": mods, "default": str(sparsedial.paths.default_model()),
-                  "finders": [repr(f) for f in sys.meta_path if _editable(f)]}))
-""" % (SUBPACKAGES,)
+mods = {{n: importlib.import_module("sparsedial." + n).__file__ for n in {SUBPACKAGES!r}}}
+print(json.dumps({{"torch": torch, "mods": mods, "default": str(sparsedial.paths.default_model()),
+                  "finders": [repr(f) for f in sys.meta_path if _editable(f)]}}))
+"""
 
 
 def _run_isolated(path_entry: str, tmp_path: Path) -> dict:
     code = NO_EDITABLE + f"sys.path.insert(0, {path_entry!r})\n" + IMPORT_ALL
-    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+    r = subprocess.run([sys.executable, "-I", "-c", code], check=False, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -55,7 +55,7 @@ def _check_source_tree(out: dict) -> None:
 
 
 def test_source_tree_imports_without_install(tmp_path):
-    """The checkout's root on sys.path, nothing installed: every subpackage comes from its top-level folder."""
+    """The checkout's root on sys.path, nothing installed: each subpackage comes from its top-level folder."""
     _check_source_tree(_run_isolated(str(ROOT), tmp_path))
 
 
@@ -84,8 +84,9 @@ def test_default_model_rule(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("env", [None, "mine"])
 def test_cli_and_settings_use_the_rule(monkeypatch, tmp_path, env):
-    from sparsedial.cli import build_parser
     from sparsedial.server.settings import ServerSettings
+
+    from sparsedial.cli import build_parser
 
     if env is None:
         monkeypatch.delenv("SPARSEDIAL_MODEL", raising=False)

@@ -30,8 +30,8 @@ import sparsedial
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ("stdlib-tiny", "stdlib-tiny-elastic")
 # never copied into the build tree: VCS, environments, caches, build outputs
-SKIP = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "runs",
-        "data", ".whl", ".carry"}
+SKIP = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+        "runs", "data", ".whl", ".carry"}
 # the server's dependencies must not be needed by the client distribution
 HEAVY = ("torch", "transformers", "fastapi", "starlette", "uvicorn", "numpy", "safetensors", "sparsedial")
 
@@ -50,8 +50,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def _pip(*args: str, cwd: Path | None = None) -> None:
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-    r = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "pip", *args], check=False, cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"pip {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
@@ -153,7 +153,8 @@ def test_wheel_carries_the_embedded_models_and_nothing_ignored(wheel):
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"sparsedial", "sparsedial-0.1.0.dist-info"}, tops  # no tests/, benchmarks/, models/ ...
     for folder in EMBEDDED:  # every file of both folders, at sibling paths (elastic.json: ../stdlib-tiny/)
-        want = {f"sparsedial/models/{folder}/{p.name}" for p in (ROOT / "models" / folder).iterdir() if p.is_file()}
+        files = [p for p in (ROOT / "models" / folder).iterdir() if p.is_file()]
+        want = {f"sparsedial/models/{folder}/{p.name}" for p in files}
         assert want and want <= set(names), sorted(want - set(names))
     models = [n for n in names if n.startswith("sparsedial/models/")]
     assert all(n == "sparsedial/models/__init__.py" or n.split("/")[2] in EMBEDDED for n in models), models
@@ -167,8 +168,9 @@ def test_wheel_carries_the_embedded_models_and_nothing_ignored(wheel):
 
 def test_wheel_has_code_markers_and_license(wheel):
     names = set(_names(wheel))
-    for f in ("sparsedial/__init__.py", "sparsedial/paths.py", "sparsedial/cli.py", "sparsedial/engine/runner.py",
-              "sparsedial/server/app.py", "sparsedial/clients/_client.py", "sparsedial/kernels/__init__.py",
+    for f in ("sparsedial/__init__.py", "sparsedial/paths.py", "sparsedial/cli.py",
+              "sparsedial/engine/runner.py", "sparsedial/server/app.py", "sparsedial/clients/_client.py",
+              "sparsedial/kernels/__init__.py",
               "sparsedial/compress/__init__.py", "sparsedial/server/playground/index.html",
               "sparsedial/py.typed", "sparsedial/clients/py.typed"):
         assert f in names, f
@@ -189,12 +191,14 @@ def test_installed_wheel_finds_its_own_models_without_torch(work, target):
         "torch_before = 'torch' in sys.modules\n"
         "d = p.default_model()\n"
         "import sparsedial.engine, sparsedial.server, sparsedial.models\n"
-        "print(json.dumps({'torch': torch_before, 'default': str(d), 'models': str(p.embedded_models_dir()),\n"
-        "  'files': [m.__file__ for m in (sparsedial, sparsedial.engine, sparsedial.server, sparsedial.models)],\n"
+        "mods = (sparsedial, sparsedial.engine, sparsedial.server, sparsedial.models)\n"
+        "print(json.dumps({'torch': torch_before, 'default': str(d),\n"
+        "  'models': str(p.embedded_models_dir()),\n"
+        "  'files': [m.__file__ for m in mods],\n"
         "  'path': list(sparsedial.__path__)}))\n")
     (work / "cwd-import").mkdir(exist_ok=True)
-    r = subprocess.run([sys.executable, "-c", code], cwd=work / "cwd-import", capture_output=True, text=True,
-                       env=_clean_env(PYTHONPATH=str(target)), timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=work / "cwd-import",
+                       capture_output=True, text=True, env=_clean_env(PYTHONPATH=str(target)), timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     t = str(target.resolve())
@@ -237,7 +241,7 @@ def _top_level(name: str) -> set[str]:
     tops = set()
     for f in dist.files or ():
         head = f.parts[0]
-        if head.endswith((".dist-info", ".data")) or head in ("..", "__pycache__") or head.endswith(".pth"):
+        if head.endswith((".dist-info", ".data", ".pth")) or head in ("..", "__pycache__"):
             continue
         tops.add(head)
     return tops
@@ -264,8 +268,9 @@ def test_versions_agree():
 
 
 def test_client_works_without_torch(work, client_wheel, server):
-    """The client wheel installed alone next to httpx, pydantic and their dependencies (linked from this venv),
-    with no site-packages: torch and the server stack are not even importable; it talks to the wheel's server."""
+    """The client wheel installed alone next to httpx, pydantic and their dependencies (linked from this
+    venv), with no site-packages: torch and the server stack are not even importable. It talks to the wheel's
+    server."""
     t = work / "client-site"
     _pip("install", "--no-deps", "--no-compile", "-q", "--target", str(t), str(client_wheel))
     deps = work / "client-deps"
@@ -288,8 +293,9 @@ def test_client_works_without_torch(work, client_wheel, server):
         "assert isinstance(r, GenerateResponse)\n"
         "print(json.dumps({'blocked': blocked, 'file': sparsedial_client.__file__, 'text': r.text,\n"
         f"                  'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))\n")
-    r = subprocess.run([sys.executable, "-S", "-P", "-c", code, url], cwd=work, capture_output=True, text=True,
-                       env=_clean_env(PYTHONPATH=f"{t}{os.pathsep}{deps}"), timeout=60)
+    r = subprocess.run([sys.executable, "-S", "-P", "-c", code, url], check=False, cwd=work,
+                       capture_output=True, text=True, timeout=60,
+                       env=_clean_env(PYTHONPATH=f"{t}{os.pathsep}{deps}"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["blocked"] == [] and out["loaded"] == []

@@ -10,7 +10,7 @@ not a pruning method; the table says which), on this machine's CPU, in one run:
   exactly N new tokens, fp32): the dense reference (on CPU the torch backend runs every tier as a dense
   matmul with a masked weight, so that column is the speed of every tier's reference too);
 * whether our dense greedy tokens equal transformers' at batch 1;
-* tier-switch latency (`set_policy` and `ElasticModel.set_default_tier` between resident tiers), the time
+* tier-switch latency (`set_policy` between resident tiers), the time
   to materialize a non-resident tier on first use, and memory held per resident tier.
 
 Writes the "engine" section of docs/benchmarks.md. Usage:
@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS, machine, write_section  # noqa: E402
-from sparsedial.engine.api import PolicySpec  # noqa: E402
-from sparsedial.engine.elastic import ElasticModel, write_synthetic_elastic  # noqa: E402
-from sparsedial.engine.runner import EngineConfig, EngineCore  # noqa: E402
-from sparsedial.engine.sampling import SamplingParams  # noqa: E402
+from _report import DOCS, machine, write_section
+from sparsedial.engine.api import PolicySpec
+from sparsedial.engine.elastic import ElasticModel
+from sparsedial.engine.runner import EngineConfig, EngineCore
+from sparsedial.engine.sampling import SamplingParams
+
+from sparsedial.testing import write_synthetic_elastic
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "models" / "stdlib-tiny"
@@ -102,19 +104,16 @@ def bench_workload(em: ElasticModel, hf, tok, n: int, slots: int) -> tuple[float
     return ours, sum(lengths) / (time.perf_counter() - start)
 
 
-def switch_latency(em: ElasticModel, tiers: list[str], n: int = 2000) -> tuple[float, float]:
-    """Median microseconds of set_policy(default_tier=t) on an engine and of em.set_default_tier(t)."""
+def switch_latency(em: ElasticModel, tiers: list[str], n: int = 2000) -> float:
+    """Median microseconds of set_policy(default_tier=t) on an engine (the tier of the next auto requests)."""
     core = EngineCore(em, EngineConfig(model=em.lm.path, max_batch=1, max_seq_len=64))
-    times_policy, times_default = [], []
+    times_policy = []
     for i in range(n):
         t = tiers[i % len(tiers)]
         start = time.perf_counter()
         core.set_policy(PolicySpec(default_tier=t))
         times_policy.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        em.set_default_tier(t)
-        times_default.append(time.perf_counter() - start)
-    return statistics.median(times_policy) * 1e6, statistics.median(times_default) * 1e6
+    return statistics.median(times_policy) * 1e6
 
 
 def projection_floor_ms(em: ElasticModel, batch: int, reps: int = 10) -> float:
@@ -195,9 +194,9 @@ def run(path: Path, dtype: torch.dtype, quick: bool, batches: list[int], new: in
     core = EngineCore(em, EngineConfig(model=em.lm.path, max_batch=1, max_seq_len=64 + new))
     mine = core.generate(prompts(1), SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), "dense")
     same = mine[0].token_ids == ref_tokens[0]
-    pol_us, def_us = switch_latency(em, [t for t in tiers if t in em.resident])
+    pol_us = switch_latency(em, [t for t in tiers if t in em.resident])
     start = time.perf_counter()
-    em.ensure([em.resolve(0.45)])
+    em.ensure([em.resolve(0.45).name])
     mat_ms = (time.perf_counter() - start) * 1e3
     base_mib = sum(p.numel() * p.element_size() for p in em.model.parameters()) / 2**20
     name = str(dtype).removeprefix("torch.")
@@ -216,8 +215,7 @@ def run(path: Path, dtype: torch.dtype, quick: bool, batches: list[int], new: in
               f"8): sparsedial {wl_ours:.0f} useful tok/s, transformers {wl_ref:.0f} ({wl_ours / wl_ref:.2f}x).",
               f"- Load with every tier resident: {load_s:.1f} s. Dense greedy tokens equal transformers' at "
               f"batch 1: {'yes' if same else 'NO'}.",
-              f"- Tier switch between resident tiers: set_policy {pol_us:.1f} us, set_default_tier "
-              f"{def_us:.1f} us (median of 2000; no reload).",
+              f"- Tier switch between resident tiers: set_policy {pol_us:.1f} us (median of 2000; no reload).",
               f"- First use of a non-resident tier (45%, materialized from the drop levels): {mat_ms:.0f} ms.",
               f"- Memory per resident tier beyond the base weights ({base_mib:.1f} MiB): " + ", ".join(
                   f"{t} {em.tier_bytes[t] / 2**20:.1f} MiB" for t in em.tiers if t in em.tier_bytes) + ".", ""]

@@ -44,7 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section
 from sparsedial.engine.config import ModelConfig
-from sparsedial.engine.elastic import ElasticModel, synthetic_linear_maps
+from sparsedial.engine.elastic import ElasticModel
 from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     ElasticSpec,
@@ -57,6 +57,8 @@ from sparsedial.engine.elastic_format import (
 from sparsedial.engine.model import Transformer
 from sparsedial.engine.runner import EngineConfig, EngineCore
 from sparsedial.engine.sampling import SamplingParams
+
+from sparsedial.testing import synthetic_linear_maps
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "models" / "stdlib-tiny"

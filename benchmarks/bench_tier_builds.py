@@ -61,7 +61,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def unlisted_tiers(em: ElasticModel, lo: int = 31, hi: int = 89) -> list[str]:
     """The percents lo..hi the checkpoint does not list, resolved (so build_tier knows their specs)."""
-    return [em.resolve(f"{p}%") for p in range(lo, hi + 1) if f"{p}%" not in em.tiers]
+    return [em.resolve(f"{p}%").name for p in range(lo, hi + 1) if f"{p}%" not in em.tiers]
 
 
 def cpu_seconds() -> tuple[float, float, float]:

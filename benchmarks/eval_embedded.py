@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS, machine, write_section  # noqa: E402
-from sparsedial.evaluate import perplexity, token_stream, unigram_perplexity  # noqa: E402
-from sparsedial.engine.generate import generate  # noqa: E402
-from sparsedial.engine.loader import load_model  # noqa: E402
-from sparsedial.engine.sampling import SamplingParams  # noqa: E402
+from _report import DOCS, machine, write_section
+from sparsedial.engine.loader import load_model
+from sparsedial.engine.sampling import SamplingParams
 
-from sparsedial import corpus  # noqa: E402
+from sparsedial import corpus
+from sparsedial.evaluate import perplexity, token_stream, unigram_perplexity
+from sparsedial.testing import generate
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef read_lines(path):", "class Stack:\n    def __init__(self):",
            "    for key, value in sorted("]

@@ -14,9 +14,6 @@ from sparsedial.engine.elastic_format import (
     LINEAR_NAMES,
     ElasticSpec,
     LoraGroup,
-    TierSpec,
-    groups_for_nm,
-    groups_for_sparsity,
     merged_weight,
     read_elastic,
     tier_delta,
@@ -26,6 +23,7 @@ from sparsedial.engine.elastic_format import (
 )
 from sparsedial.engine.loader import LoadedModel, load_model
 from sparsedial.engine.model import Transformer
+from sparsedial.engine.tiers import TierSpec, tiers_from_names
 
 from .nested import NestedMasks
 from .pruners import overall_sparsity
@@ -36,27 +34,9 @@ DEFAULT_TIERS = ("dense", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "2:4"
 
 
 def parse_tiers(names: list[str] | tuple[str, ...], groups: list[LoraGroup]) -> list[TierSpec]:
-    """'dense' | '<n>%' | 'N:M' -> TierSpec with its LoRA groups; ValueError on anything else."""
-    tiers = []
-    for name in names:
-        name = name.strip()
-        if name == "dense":
-            tiers.append(TierSpec("dense", "dense", 0.0))
-        elif name.endswith("%"):
-            try:
-                pct = int(name[:-1])
-            except ValueError:
-                raise ValueError(f"tier {name!r}: expected an integer percent like 50%") from None
-            if not 0 < pct < 100:
-                raise ValueError(f"tier {name!r}: percent must be in 1..99")
-            tiers.append(TierSpec(name, "unstructured", pct / 100, groups_for_sparsity(groups, pct / 100)))
-        elif name == "2:4":
-            tiers.append(TierSpec("2:4", "nm", 0.5, groups_for_nm(groups), n=2, m=4))
-        else:
-            raise ValueError(f"tier {name!r} is not 'dense', '<n>%' or '2:4'")
-    if len({t.name for t in tiers}) != len(tiers):
-        raise ValueError(f"duplicate tiers in {names}")
-    return tiers
+    """The tiers a checkpoint lists: engine/tiers.py's `tiers_from_names` (strict whole percents; dense always
+    first, since the base weights are always there); ValueError naming a bad tier."""
+    return tiers_from_names(names, groups)
 
 
 def copy_base_files(base_dir: Path, out_dir: Path, link_base: bool) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from sparsedial.engine.elastic_format import LINEAR_NAMES, ElasticSpec
 from sparsedial.engine.loader import load_model
+from sparsedial.engine.tiers import TierKind, parse_tier_name, slug, tiers_from_names
 
 from .calibration import CalibrationConfig, calibration_tokens
 from .epts import EPTSConfig, reconstruct
@@ -35,7 +36,8 @@ class CompressResult:
 
 
 def tier_slug(tier: str) -> str:
-    return tier.replace("%", "pct").replace(":", "-")
+    """OUT/<slug> of a baseline tier: "50%" -> "50pct", "2:4" -> "2-4" (engine/tiers.py)."""
+    return slug(tier)
 
 
 def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: CalibrationConfig, cfg: EPTSConfig,
@@ -45,6 +47,7 @@ def compress_epts(model_dir: Path, out_dir: Path, tiers: list[str], calib: Calib
     """Nested masks + EPTS -> one elastic checkpoint. `calib_tokens` overrides sampling from `calib.source`;
     `owl_lambda` > 0 stores OWL per-block schedules for the unstructured tiers."""
     t0 = time.perf_counter()
+    tiers_from_names(tiers)  # a bad tier name fails now, not after the reconstruction
     lm = load_model(model_dir, dtype="float32", device=device)
     tokens = (calib_tokens if calib_tokens is not None else calibration_tokens(lm.tokenizer, calib)).to(device)
     norms = dense_input_norms(lm.model, tokens, progress=progress) if importance == "wanda" else None
@@ -87,14 +90,16 @@ def compress_baseline(model_dir: Path, out_dir: Path, method: str, tiers: list[s
     details = {}
     base_dtype = weights_dtype(Path(model_dir) / "model.safetensors")
     tokens = None
-    for tier in tiers:
-        if tier == "dense":
+    specs = [parse_tier_name(t) for t in tiers]  # every name checked before the first tier is pruned
+    for spec in specs:
+        tier = spec.name
+        if spec.kind is TierKind.DENSE:
             continue
         lm = load_model(model_dir, dtype="float32", device=device)  # every tier starts from the dense model
         if tokens is None and method != "magnitude":  # the same calibration set for every tier
             tokens = calibration_tokens(lm.tokenizer, calib).to(device)
-        pcfg = PruneConfig(method=method, nm=(2, 4)) if tier == "2:4" else \
-            PruneConfig(method=method, sparsity=int(tier.rstrip("%")) / 100)
+        pcfg = PruneConfig(method=method, nm=(spec.n, spec.m)) if spec.kind is TierKind.NM else \
+            PruneConfig(method=method, sparsity=spec.sparsity)
         t1 = time.perf_counter()
         prune(lm.model, pcfg, tokens, progress=progress)
         dest = out_dir / tier_slug(tier)
@@ -104,7 +109,8 @@ def compress_baseline(model_dir: Path, out_dir: Path, method: str, tiers: list[s
                          "config": pcfg.to_json()}
     (out_dir / "baseline.json").write_text(json.dumps({"method": method, "calibration": asdict(calib),
                                                        "tiers": details}, indent=2))
-    return CompressResult(out_dir, time.perf_counter() - t0, [t for t in tiers if t != "dense"], details)
+    return CompressResult(out_dir, time.perf_counter() - t0, [t.name for t in specs if t.kind is not TierKind.DENSE],
+                          details)
 
 
 def _cleanup_resume(out_dir: Path) -> None:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, Union, runtime_checkable
 
 from sparsedial.errors import SparsedialError
 
-from .sampling import SamplingParams
+from .options import LoadSignal, PolicyMode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sampling import SamplingParams
+    from .tiers import TierSpec
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-TierRequest = str | float | None  # "dense" | "2:4" | "<n>%" | float in [0, max] | "auto" | None (= auto)
+TierRequest = Union[str, float, "TierSpec", None]
 
 
 class UnknownTierError(SparsedialError, ValueError):
@@ -96,10 +100,10 @@ class PolicySpec:
     each (threshold, tier) pair applies when load >= threshold (load = waiting + running requests, or KV use
     in [0, 1] when `signal` is "kv"); `hysteresis` is how far load must fall below a threshold to step back."""
 
-    mode: Literal["fixed", "load"] = "fixed"
+    mode: PolicyMode = PolicyMode.FIXED
     default_tier: str = "dense"
     ladder: tuple[tuple[float, str], ...] = ()
-    signal: Literal["requests", "kv"] = "requests"
+    signal: LoadSignal = LoadSignal.REQUESTS
     hysteresis: float = 0.0
 
 
@@ -119,8 +123,9 @@ class EngineProtocol(Protocol):
     max_context: int
     tokenizer: object  # transformers tokenizer (chat template, counting)
 
-    def resolve_tier(self, requested: TierRequest) -> str | None:
-        """A valid tier name, or None for auto; raises UnknownTierError."""
+    def resolve_tier(self, requested: TierRequest) -> TierSpec | None:
+        """The tier a request names (engine/tiers.py), or None for auto; raises UnknownTierError. Callers pass
+        the result to `submit`, which then checks it without parsing it again."""
 
     def submit(self, prompt: str | list[int], params: SamplingParams, tier: TierRequest = None,
                request_id: str | None = None) -> AsyncIterator[StreamEvent]:

@@ -36,10 +36,10 @@ from .api import (
     TokenLogprob,
 )
 from .elastic import ElasticModel
-from .linear import TierPlan
 from .runner import EngineConfig, EngineCore
 from .sampling import SamplingParams, TextStream
 from .tier_builder import TierBuilder
+from .tiers import TierPlan, TierSpec
 
 log = logging.getLogger("sparsedial.engine")
 Job = tuple[concurrent.futures.Future, Callable[[], Any]]
@@ -114,7 +114,7 @@ class AsyncEngine:
             self.core.builder, self.core.runner.evict = self.builder, False
 
     # ----------------------------------------------------------------------------------------- protocol
-    def resolve_tier(self, requested: TierRequest) -> str | None:
+    def resolve_tier(self, requested: TierRequest) -> TierSpec | None:
         return self.model.resolve(requested)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, tier: TierRequest = None,
@@ -138,7 +138,8 @@ class AsyncEngine:
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
             raise ValueError(f"top must be an integer in [0, 20], got {top!r}")
         ids = self.core.encode(prompt)
-        name = self.model.resolve(tier)
+        resolved = self.model.resolve(tier)
+        name = None if resolved is None else resolved.name
         if not ids:
             raise ValueError("empty prompt (at least one token is needed)")
         if len(ids) > self.max_context:
@@ -156,7 +157,7 @@ class AsyncEngine:
                 waiting, limit = len(self.core.scheduler.waiting) + len(self._jobs), self.config.max_waiting
                 if waiting >= limit:
                     raise EngineOverloadedError(waiting, limit)
-                self._jobs.append((future, lambda: self._score(ids, name, top)))
+                self._jobs.append((future, lambda: self._score(ids, resolved, top)))
                 self._cond.notify_all()  # the tier builder waits on it too
             return await asyncio.wrap_future(future)
         finally:
@@ -185,14 +186,15 @@ class AsyncEngine:
             await asyncio.sleep(poll_s)
 
     @torch.inference_mode()
-    def _score(self, ids: list[int], tier: str | None, top: int) -> PromptLogprobs:
-        """The model-thread side of prompt_logprobs: auto resolves to the policy's current tier."""
+    def _score(self, ids: list[int], tier: TierSpec | None, top: int) -> PromptLogprobs:
+        """The model-thread side of prompt_logprobs: auto resolves to the policy's current tier (always kept
+        resident), an explicit tier was built by the TierBuilder and is held in `_scoring`."""
         if tier is None:
             with self._cond:
                 tier = self.core.policy.tier
         tokens = torch.tensor([ids], device=self.core.runner.device)  # [1, T]
-        with self.model.plan(TierPlan.from_rows([tier]), evict=False):  # the runner's per-row tier mechanism
-            logits = self.model.model(tokens)[0]  # [T, V]; no slots: keys are this forward's tokens
+        self.model.ensure([tier.name], evict=False)
+        logits = self.model.model(tokens, plan=TierPlan.single(tier))[0]  # [T, V]; no slots: this forward's keys
         logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]: position i predicts token i+1
         targets = torch.tensor(ids[1:], device=logp.device)
         chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
@@ -206,7 +208,7 @@ class AsyncEngine:
         lps: list[TokenLogprob | None] = [None]
         for tok, text, lp, alt in zip(ids[1:], texts[1:], chosen, alts):
             lps.append(TokenLogprob(tok, text, lp, tuple((t, names.setdefault(t, dec([t])), v) for t, v in alt)))
-        return PromptLogprobs(tier, tuple(ids), tuple(texts), tuple(lps))
+        return PromptLogprobs(tier.name, tuple(ids), tuple(texts), tuple(lps))
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request now; False when it already finished."""
@@ -292,7 +294,7 @@ class AsyncEngine:
     def __enter__(self) -> AsyncEngine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
 

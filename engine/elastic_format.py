@@ -49,6 +49,7 @@ from sparsedial.errors import ModelLoadError
 
 from .elastic_schema import SpecError, validate_spec
 from .elastic_schema import found as found_text
+from .tiers import TierKind, TierSpec, groups_for_nm, groups_for_sparsity  # noqa: F401 - the format's tiers
 
 FORMAT_NAME = "sparsedial-elastic"
 FORMAT_VERSION = 1
@@ -59,7 +60,6 @@ REQUIRED_FILES = ("config.json", "elastic.safetensors")  # plus the base weights
 _SHA256_HEX = frozenset("0123456789abcdef")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-TierKind = Literal["dense", "unstructured", "nm"]
 LoraMode = Literal["masked", "unmasked"]
 
 
@@ -67,26 +67,6 @@ def keep_count(in_features: int, sparsity: float) -> int:
     """Weights kept per row at `sparsity`: max(1, int(in * (1 - s))) (the nested-mask rule; the epsilon keeps
     0.7 * 100 from rounding down, docs/architecture.md)."""
     return max(1, int(in_features * (1.0 - sparsity) + 1e-9))
-
-
-@dataclass(frozen=True)
-class TierSpec:
-    """One named operating point. `sparsity` is the nominal fraction; `schedule` optionally overrides it
-    per decoder block (OWL), each entry an integer percent."""
-
-    name: str  # "dense", "30%", "2:4"
-    kind: TierKind
-    sparsity: float
-    lora_groups: tuple[int, ...] = ()
-    n: int = 0  # N:M tiers only
-    m: int = 0
-    schedule: tuple[int, ...] | None = None
-
-    def block_percent(self, layer: int) -> int:
-        """Integer sparsity percent of decoder block `layer` for unstructured tiers."""
-        if self.schedule is not None:
-            return self.schedule[layer]
-        return round(self.sparsity * 100)
 
 
 @dataclass(frozen=True)
@@ -254,6 +234,12 @@ def read_elastic(model_dir: Path, verify_hashes: bool = True, *,
             if _sha256(path) != digest:
                 raise ModelLoadError(f"{path}: sha256 does not match elastic.json (file changed or corrupt)")
     return spec, _read_tensors(model_dir / "elastic.safetensors")
+
+
+def base_weights_name(model_dir: Path) -> object:
+    """elastic.json's `base_weights` (read by `_read_doc`, the one reader of elastic.json, so the format and
+    version are checked here too); the loader needs it before the rest of the checkpoint is read."""
+    return _read_doc(Path(model_dir) / "elastic.json").get("base_weights", "model.safetensors")
 
 
 def _read_doc(meta_path: Path) -> dict:
@@ -449,23 +435,3 @@ def merged_weight(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Te
     if mask is not None:
         w = w * mask
     return w.to(weight.dtype)
-
-
-def groups_for_sparsity(groups: list[LoraGroup], sparsity: float) -> tuple[int, ...]:
-    """Hierarchical LoRA: an unstructured tier at s uses every unstructured group up to the one whose
-    interval (low, high] holds s; none at s = 0 or above the last group (as the EPTS reference)."""
-    unstructured = sorted((g for g in groups if not g.nm), key=lambda g: g.high)
-    if sparsity <= 0 or not unstructured or sparsity > unstructured[-1].high + 1e-9:
-        return ()
-    out = []
-    for g in unstructured:
-        out.append(g.index)
-        if sparsity <= g.high + 1e-9:
-            break
-    return tuple(out)
-
-
-def groups_for_nm(groups: list[LoraGroup], sparsity: float = 0.5) -> tuple[int, ...]:
-    """The N:M tier: the unstructured groups up to its nominal sparsity, plus its own group."""
-    own = tuple(g.index for g in groups if g.nm)
-    return (groups_for_sparsity(groups, sparsity) + own) if own else ()

@@ -1,9 +1,10 @@
 """The one linear class every projection of the decoder goes through.
 
 `ElasticLinear` is a plain `y = x @ W.T + b` until an `ElasticModel` attaches its elastic state: the
-linear's maps (drop levels, 2:4 mask, LoRA stack, see engine/elastic_format.py), a shared `TierContext`
-and a small table of materialized tiers for the active backend. The decoder never changes: which tier a
-row runs at is read from the context (the linear delegates), so switching tier changes a key, never modules.
+linear's maps (drop levels, 2:4 mask, LoRA stack, see engine/elastic_format.py) and a small table of
+materialized tiers for the active backend. Which tier each row runs at comes with the call: the runner
+passes a `TierPlan` (engine/tiers.py) to `Transformer.forward`, which hands it to every projection; without
+a plan a linear computes with its base weight (dense). Switching tier changes a key, never modules.
 Parameter names match `nn.Linear` (`weight`, `bias`), so HF state dicts load into it unchanged.
 
 Backends of a materialized tier (`TierWeights`):
@@ -17,46 +18,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .elastic_format import ElasticSpec, TierSpec, active_lora_groups, merged_weight, tier_mask
-
-Backend = Literal["torch", "triton"]
-
-
-@dataclass(frozen=True)
-class TierPlan:
-    """The tier of each row of one forward, as contiguous row ranges `(tier, start, end)` over dim 0."""
-
-    segments: tuple[tuple[str, int, int], ...]
-
-    @classmethod
-    def from_rows(cls, tiers: list[str]) -> TierPlan:
-        """One segment per run of equal consecutive tiers (callers sort rows by tier to get few runs)."""
-        segments: list[tuple[str, int, int]] = []
-        for i, t in enumerate(tiers):
-            if segments and segments[-1][0] == t:
-                segments[-1] = (t, segments[-1][1], i + 1)
-            else:
-                segments.append((t, i, i + 1))
-        return cls(tuple(segments))
-
-    @property
-    def tiers(self) -> set[str]:
-        return {t for t, _, _ in self.segments}
-
-
-@dataclass
-class TierContext:
-    """Shared by every ElasticLinear of one model: the default tier and the plan of the current forward
-    (set by the runner around a forward; None = every row at `default`)."""
-
-    default: str = "dense"
-    plan: TierPlan | None = None
+from .elastic_format import ElasticSpec, active_lora_groups, merged_weight, tier_mask
+from .options import Backend
+from .tiers import TierKind, TierPlan, TierSpec
 
 
 @dataclass
@@ -112,7 +81,7 @@ def _csr_min_rows(sparsity: float) -> int | None:
 def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
     """CPU fp32 tiers of >= 80% sparsity also get a CSR copy of their merged weight (10-20% of the bytes)."""
     w = tw.weight
-    min_rows = _csr_min_rows(tier.sparsity) if tier.kind == "unstructured" and tier.schedule is None else None
+    min_rows = _csr_min_rows(tier.sparsity) if tier.kind is TierKind.UNSTRUCTURED and tier.schedule is None else None
     if min_rows is None or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
         return
     with warnings.catch_warnings():  # torch calls sparse CSR "beta"; the path is tested here
@@ -147,20 +116,16 @@ class ElasticLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.maps: LinearMaps | None = None  # None: a plain linear (every tier is the base weight)
-        self.context: TierContext | None = None  # None: plain `x @ W.T + b`
         self.tiers: dict[str, TierWeights] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ctx = self.context
-        if ctx is None:
+    def forward(self, x: torch.Tensor, plan: TierPlan | None = None) -> torch.Tensor:
+        """x: [B, ...] -> [B, ..., out]; `plan`: the tier of each run of rows (None: the base weight)."""
+        if plan is None or self.maps is None:
             return F.linear(x, self.weight, self.bias)
-        plan = ctx.plan
-        if plan is None:
-            return self.apply_tier(x, ctx.default)
         if len(plan.segments) == 1:
-            return self.apply_tier(x, plan.segments[0][0])
-        # x: [B, ...]; rows grouped by tier, each group one matmul against its tier's weights
-        return torch.cat([self.apply_tier(x[s:e], t) for t, s, e in plan.segments], dim=0)
+            return self.apply_tier(x, plan.segments[0][0].name)
+        # rows grouped by tier, each group one matmul against its tier's weights
+        return torch.cat([self.apply_tier(x[s:e], t.name) for t, s, e in plan.segments], dim=0)
 
     def apply_tier(self, x: torch.Tensor, tier: str) -> torch.Tensor:
         tw = self.tiers.get(tier)
@@ -180,10 +145,10 @@ class ElasticLinear(nn.Module):
         """This linear's weights for `tier` on `backend`, not stored: it only reads the base weight and the
         maps, so another thread may build a tier while forwards run (engine/tier_builder.py)."""
         maps = self.maps
-        if maps is None or tier.kind == "dense" and not tier.lora_groups:
+        if maps is None or tier.kind is TierKind.DENSE and not tier.lora_groups:
             return TierWeights(weight=self.weight)  # shares the base weight: no memory
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
-        if backend == "torch":
+        if backend == Backend.TORCH:
             w = serving_layout(w)  # merges from a relaid base come out column-major already; a guard
         tw = TierWeights(weight=w, nbytes=_nbytes(w))
         if spec.lora_mode == "unmasked":
@@ -194,14 +159,14 @@ class ElasticLinear(nn.Module):
                 tw.lora_b = (torch.cat([maps.tensors[f"{maps.name}.lora.{g}.B"] for g in groups], dim=1)
                              .float() * spec.lora_scale).to(dt)
                 tw.nbytes += _nbytes(tw.lora_a) + _nbytes(tw.lora_b)
-        if backend == "torch":
+        if backend == Backend.TORCH:
             _attach_csr(tw, tier)
-        if backend == "triton":
+        if backend == Backend.TRITON:
             mask = tier_mask(spec, tier, maps.tensors, maps.name, maps.layer)
             if mask is not None:
                 from sparsedial.kernels import pack_24, pack_bitmap
 
-                packed = pack_24(w, mask) if tier.kind == "nm" else pack_bitmap(w, mask)
+                packed = pack_24(w, mask) if tier.kind is TierKind.NM else pack_bitmap(w, mask)
                 tw.weight, tw.packed = None, packed
                 tw.nbytes += packed.nbytes - _nbytes(w)
         return tw

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from sparsedial.errors import ModelLoadError
 
 from .config import ModelConfig
-from .elastic_format import check_finite, resolve_base_weights
+from .elastic_format import base_weights_name, check_finite, is_elastic, resolve_base_weights
 from .model import Transformer
+from .options import DType, parse
 
-DType = Literal["auto", "float32", "float16", "bfloat16"]
 # Tensors some checkpoints carry that the runtime recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -47,14 +46,12 @@ def resolve_dtype(dtype: DType | torch.dtype, device: torch.device) -> torch.dty
     """`auto`: fp32 on CPU (reduced-precision matmuls are slow there), bf16 on CUDA when supported, else fp16."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
+    dtype = parse(DType, dtype, "dtype")
+    if dtype is DType.AUTO:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, float16, bfloat16") from None
+    return {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}[dtype]
 
 
 def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
@@ -97,15 +94,8 @@ def base_weights_path(model_dir: Path, allow_external_base: bool = False) -> Pat
     """`model.safetensors`, unless an elastic checkpoint's elastic.json points at its base weights elsewhere
     (inside its parent folder, or anywhere with `allow_external_base`)."""
     model_dir = Path(model_dir)
-    meta = model_dir / "elastic.json"
-    if meta.is_file() and not (model_dir / "model.safetensors").is_file():
-        try:
-            doc = json.loads(meta.read_text())
-        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurd nesting
-            raise ModelLoadError(f"{meta}: not valid JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise ModelLoadError(f"{meta}: expected a JSON object, found {type(doc).__name__}")
-        return resolve_base_weights(model_dir, doc.get("base_weights", "model.safetensors"), allow_external_base)
+    if is_elastic(model_dir) and not (model_dir / "model.safetensors").is_file():
+        return resolve_base_weights(model_dir, base_weights_name(model_dir), allow_external_base)
     return model_dir / "model.safetensors"
 
 

@@ -1,7 +1,8 @@
 """sparsedial's Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM).
 
 Module names mirror Hugging Face's (`model.layers.N.self_attn.q_proj` ...), so HF safetensors load by
-name. Every projection is an `ElasticLinear`; blocks know nothing of sparsity or requests.
+name. Every projection is an `ElasticLinear`; blocks know nothing of sparsity or requests: they pass the
+forward's `TierPlan` (engine/tiers.py, the tier of each row) on to their projections.
 
 KV cache: a static cache of `num_slots` rows x `max_seq_len` positions per layer. A forward pass takes
 per-token positions `[B, T]` and the cache slot of each row `[B]`; it writes its keys/values at those
@@ -18,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig, rope_inv_freq
 from .linear import ElasticLinear
+from .tiers import TierPlan
 
 
 class RMSNorm(nn.Module):
@@ -87,18 +89,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int,
-                first: int | None = None) -> torch.Tensor:
+                first: int | None = None, plan: TierPlan | None = None) -> torch.Tensor:
         B, T, _ = x.shape  # x: [B, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x, plan).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x, plan).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x, plan).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slots is not None:
             if self.kv_cache is None:
                 raise RuntimeError("a KV cache slot was given but setup_cache() was not called")
             k, v = self.kv_cache.update(slots, positions, k, v, kv_len, first)  # [B, Hkv, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), plan)
 
 
 class MLP(nn.Module):
@@ -111,8 +113,8 @@ class MLP(nn.Module):
         self.up_proj = ElasticLinear(d, f, bias=cfg.mlp_bias)
         self.down_proj = ElasticLinear(f, d, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, plan: TierPlan | None = None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, plan)) * self.up_proj(x, plan), plan)
 
 
 class DecoderLayer(nn.Module):
@@ -123,9 +125,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, positions, slots, kv_len, first=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, slots, kv_len, first)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos, sin, mask, positions, slots, kv_len, first=None,
+                plan: TierPlan | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, slots, kv_len, first, plan)
+        return x + self.mlp(self.post_attention_layernorm(x), plan)
 
 
 class DecoderBody(nn.Module):
@@ -184,9 +187,11 @@ class Transformer(nn.Module):
         return allowed[:, None]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, logit_index: torch.Tensor | None = None,
+                plan: TierPlan | None = None) -> torch.Tensor:
         """tokens/positions: [B, T]; slots: [B] cache rows or None (no cache, keys = this call's tokens);
-        logit_index: [B] position (0..T-1) whose logits to return per row, else all positions."""
+        logit_index: [B] position (0..T-1) whose logits to return per row, else all positions;
+        plan: the tier of each run of rows (its tiers materialized: ElasticModel.ensure), None = base weights."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -209,7 +214,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, slots, kv_len, first)
+            x = layer(x, cos, sin, mask, positions, slots, kv_len, first, plan)
         x = self.model.norm(x)
         if logit_index is not None:
             x = x[torch.arange(B, device=x.device), logit_index]  # [B, D]

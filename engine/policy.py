@@ -13,24 +13,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .api import PolicySpec
+from .options import LoadSignal, PolicyMode, parse
+from .tiers import TierSpec
+
+Resolve = Callable[[object], TierSpec | None]
 
 
 class TierPolicy:
     """Stateful evaluation of a PolicySpec; `update(load)` returns the current auto tier."""
 
-    def __init__(self, spec: PolicySpec, resolve: Callable[[str], str | None]) -> None:
-        """`resolve` maps a tier request to a tier name (raising UnknownTierError), e.g. ElasticModel.resolve."""
+    def __init__(self, spec: PolicySpec, resolve: Resolve) -> None:
+        """`resolve` maps a tier request to a TierSpec (raising UnknownTierError), e.g. ElasticModel.resolve."""
         self.spec = validate_policy(spec, resolve)
+        self._tiers = [resolve(self.spec.default_tier)] + [resolve(t) for _, t in self.spec.ladder]
         self.level = 0
 
     @property
-    def tier(self) -> str:
-        return self.spec.default_tier if self.level == 0 else self.spec.ladder[self.level - 1][1]
+    def tier(self) -> TierSpec:
+        """The tier an auto request admitted now gets."""
+        return self._tiers[self.level]  # type: ignore[return-value]
 
-    def update(self, load: float) -> str:
+    def update(self, load: float) -> TierSpec:
         """Move along the ladder for the current load (at most to the level it supports) and return the tier."""
-        if self.spec.mode == "fixed":
-            return self.spec.default_tier
+        if self.spec.mode is PolicyMode.FIXED:
+            return self.tier
         ladder = self.spec.ladder
         while self.level < len(ladder) and load >= ladder[self.level][0]:
             self.level += 1
@@ -39,12 +45,11 @@ class TierPolicy:
         return self.tier
 
 
-def validate_policy(spec: PolicySpec, resolve: Callable[[str], str | None]) -> PolicySpec:
-    """Check a PolicySpec; return it with tier requests replaced by canonical names. ValueError names the field."""
-    if spec.mode not in ("fixed", "load"):
-        raise ValueError(f"policy mode must be 'fixed' or 'load', got {spec.mode!r}")
-    if spec.signal not in ("requests", "kv"):
-        raise ValueError(f"policy signal must be 'requests' or 'kv', got {spec.signal!r}")
+def validate_policy(spec: PolicySpec, resolve: Resolve) -> PolicySpec:
+    """Check a PolicySpec; return it with enums for its modes and tier requests replaced by canonical names.
+    ValueError names the field."""
+    mode = parse(PolicyMode, spec.mode, "policy mode")
+    signal = parse(LoadSignal, spec.signal, "policy signal")
     if spec.hysteresis < 0:
         raise ValueError(f"policy hysteresis must be >= 0, got {spec.hysteresis!r}")
     default = resolve(spec.default_tier)
@@ -55,12 +60,12 @@ def validate_policy(spec: PolicySpec, resolve: Callable[[str], str | None]) -> P
         name = resolve(tier)
         if name is None:
             raise ValueError(f"policy ladder tier must be a tier, not {tier!r}")
-        if spec.signal == "kv" and not 0.0 <= threshold <= 1.0:
+        if signal is LoadSignal.KV and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"policy ladder threshold {threshold!r} is outside [0, 1] (signal 'kv')")
         if ladder and threshold <= ladder[-1][0]:
             raise ValueError(f"policy ladder thresholds must increase; {threshold!r} follows {ladder[-1][0]!r}")
-        ladder.append((float(threshold), name))
-    if spec.mode == "load" and not ladder:
+        ladder.append((float(threshold), name.name))
+    if mode is PolicyMode.LOAD and not ladder:
         raise ValueError("policy mode 'load' needs a non-empty ladder")
-    return PolicySpec(mode=spec.mode, default_tier=default, ladder=tuple(ladder), signal=spec.signal,
+    return PolicySpec(mode=mode, default_tier=default.name, ladder=tuple(ladder), signal=signal,
                       hysteresis=float(spec.hysteresis))

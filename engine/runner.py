@@ -6,8 +6,10 @@ events, finished requests; under the lock). AsyncEngine runs `step()` in a backg
 tests and benchmarks call it directly.
 
 A step runs at most two forwards: the decode rows ([B, 1]) and the prefill rows (right-padded to
-[B, T]). Rows are sorted by tier, and the per-row tiers reach the ElasticLinears as a `TierPlan`, so a
-batch mixes tiers while the decoder knows nothing of them.
+[B, T]). A request's tier is resolved once, when it is added (a `TierSpec`; auto requests get the policy's
+tier at admission). Each step makes its tiers resident once (`ElasticModel.ensure`), sorts the rows of
+each forward by tier and passes the per-row tiers to the model as a `TierPlan` argument, so a batch
+mixes tiers while the decoder only hands the plan on to its projections.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -34,92 +34,14 @@ from .api import (
     TokenLogprob,
 )
 from .elastic import ElasticModel
-from .linear import TierPlan
+from .options import EngineConfig, LoadSignal
 from .policy import TierPolicy
 from .sampling import SamplingParams, TextStream, select_token, top_logprobs
 from .scheduler import ScheduledRow, Scheduler, SchedulerConfig, SchedulerOutput, SeqStatus, Sequence
 from .tier_builder import TierBuilder
+from .tiers import TierPlan, TierSpec
 
 Sink = Callable[[StreamEvent], None]
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-tiny"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Settings of one serving engine: the one source of defaults (server settings and the CLI read them)."""
-
-    model: Path = EMBEDDED_MODEL
-    """Model directory: an elastic checkpoint, or a plain HF model (served at "dense" only)."""
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    """Sparse backend: triton on CUDA when available, torch (merged masked weights) otherwise."""
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    """Weight/activation dtype; auto = float32 on CPU, bfloat16 on CUDA."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (cuda when available)."""
-    max_batch: int = 16
-    """KV cache slots = most requests running at once (one decode row each per step)."""
-    max_seq_len: int | None = None
-    """Context length per slot (prompt + generated tokens); None = the model's max_position_embeddings."""
-    max_waiting: int = 256
-    """Bound of the waiting queue; submit beyond it raises EngineOverloadedError."""
-    prefill_chunk: int = 256
-    """Most prompt tokens of one request computed per step (longer prompts prefill in chunks)."""
-    max_step_tokens: int = 1024
-    """Token budget of one step: decode rows count one each, prefill chunks the rest; >= max_batch."""
-    resident_tiers: tuple[str, ...] | None = None
-    """Tiers materialized at load and never evicted; None = every tier the checkpoint lists."""
-    memory_budget_mb: float | None = None
-    """Bound on memory held by materialized tiers beyond the base weights (MiB); None = no bound."""
-    cache_tiers: int = 4
-    """How many non-resident tiers (materialized on first use) are kept, least recently used evicted."""
-    policy: PolicySpec = field(default_factory=PolicySpec)
-    """How `auto` requests get their tier (fixed default, or load ladder with hysteresis)."""
-    model_name: str | None = None
-    """Name the model is served under; None = the model directory's name."""
-    tier_builder: bool = True
-    """Build on-demand tiers on their own thread (engine/tier_builder.py); False builds them on the model thread
-    inside a step, stalling every request in flight meanwhile (kept to measure the difference:
-    benchmarks/bench_tier_builds.py)."""
-    allow_external_base: bool = False
-    """Let an elastic checkpoint's base weights lie outside its parent folder (elastic_format.resolve_base_weights)."""
-    cpu_threads: int | None = 1
-    """torch intra-op threads of the model thread on CPU (None: leave torch's setting). 1 by default: on the
-    2-core machines measured, OpenMP teams started from a non-main thread made small matmuls 2-3x slower
-    (docs/benchmarks.md, "Engine thread")."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model", Path(self.model))
-        for name in ("max_batch", "max_step_tokens", "prefill_chunk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_step_tokens < self.max_batch:
-            raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_batch ({self.max_batch})")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2 or None, got {self.max_seq_len!r}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting!r}")
-        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
-            raise ValueError(f"memory_budget_mb must be >= 0 or None, got {self.memory_budget_mb!r}")
-        if self.cache_tiers < 0:
-            raise ValueError(f"cache_tiers must be >= 0, got {self.cache_tiers!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.resident_tiers is not None:
-            object.__setattr__(self, "resident_tiers", tuple(self.resident_tiers))
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def load_model(self) -> ElasticModel:
-        """Load the model these settings name (the resident tiers materialized)."""
-        budget = None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
-        return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(), backend=self.backend,
-                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers,
-                                 allow_external_base=self.allow_external_base)
 
 
 class ModelRunner:
@@ -137,7 +59,7 @@ class ModelRunner:
         """Compute every row; return the rows that sample and their last-position logits [N, V] (fp32)."""
         rows: list[ScheduledRow] = []
         logits: list[torch.Tensor] = []
-        self.em.ensure({r.seq.tier for r in out.rows}, evict=self.evict)
+        self.em.ensure({r.seq.tier.name for r in out.rows}, evict=self.evict)  # once per step, all its tiers
         for group in (out.decode_rows, out.prefill_rows):
             if group:
                 done, lg = self._forward(group)
@@ -150,15 +72,15 @@ class ModelRunner:
 
     def _forward(self, rows: list[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
         # rows of a tier contiguous; within a tier by slot, so cache rows are often one range (read as a view)
-        rows = sorted(rows, key=lambda r: (r.seq.tier, r.seq.slot))
+        rows = sorted(rows, key=lambda r: (r.seq.tier.name, r.seq.slot))
         T = max(r.length for r in rows)
         tokens = torch.tensor([r.token_ids + [0] * (T - r.length) for r in rows], device=self.device)  # [B, T]
         start = torch.tensor([r.start for r in rows], device=self.device)
         positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]; padding continues on
         slots = torch.tensor([r.seq.slot for r in rows], device=self.device)  # [B]
         last = torch.tensor([r.length - 1 for r in rows], device=self.device)  # [B]
-        with self.em.plan(TierPlan.from_rows([r.seq.tier for r in rows]), evict=self.evict):
-            return rows, self.em.model(tokens, positions, slots, logit_index=last)  # [B, V]
+        plan = TierPlan.from_rows([r.seq.tier for r in rows])
+        return rows, self.em.model(tokens, positions, slots, logit_index=last, plan=plan)  # [B, V]
 
 
 @dataclass(eq=False)
@@ -182,8 +104,7 @@ class EngineCore:
         self.em, self.config, self.tokenizer = em, config, em.tokenizer
         self.max_context = min(config.max_seq_len or em.config.max_position_embeddings,
                                em.config.max_position_embeddings)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch, config.max_waiting, config.prefill_chunk,
-                                                   config.max_step_tokens))
+        self.scheduler = Scheduler(SchedulerConfig.of(config))
         self.runner = ModelRunner(em, config.max_batch, self.max_context, config.prefill_chunk)
         self.policy = TierPolicy(config.policy, em.resolve)
         self.eos = set(em.config.eos_token_ids)
@@ -209,14 +130,14 @@ class EngineCore:
         """Queue a request; its events go to `sink` (from the stepping thread). Raises PromptTooLongError,
         UnknownTierError, EngineOverloadedError, ValueError (empty prompt, duplicate id)."""
         ids = self.encode(prompt)
-        name = self.em.resolve(tier)
+        resolved = self.em.resolve(tier)  # a TierSpec from the server's admission is checked, not re-parsed
         if len(ids) + params.max_tokens > self.max_context:
             raise PromptTooLongError(len(ids), params.max_tokens, self.max_context)
         now = time.monotonic()
         rid = request_id or f"req-{next(self._ids)}"
         state = RequestState(params, sink, TextStream(self.tokenizer, ids, params.stop),
                              params.make_generator(self.runner.device), now)
-        seq = Sequence(rid, ids, tier=name, data=state)
+        seq = Sequence(rid, ids, tier=resolved, data=state)
         with self.lock:
             self.scheduler.add(seq)
             if params.max_tokens == 0:
@@ -283,11 +204,11 @@ class EngineCore:
             seq.data.admitted = now
         return out
 
-    def _tier_ready(self, tier: str) -> bool:
+    def _tier_ready(self, tier: TierSpec) -> bool:
         """Scheduler admission test with a TierBuilder: a tier not yet built is queued for building."""
-        if self.em.is_ready(tier):
+        if self.em.is_ready(tier.name):
             return True
-        self.builder.request(tier)  # type: ignore[union-attr]
+        self.builder.request(tier.name)  # type: ignore[union-attr]
         return False
 
     def tiers_in_use(self) -> set[str]:
@@ -295,7 +216,7 @@ class EngineCore:
         cache). The ladder's other tiers are not held: a ladder naming more on-demand tiers than the cache
         holds must not wedge it."""
         s = self.scheduler
-        return {seq.tier for seq in [*s.running, *s.waiting] if seq.tier} | {self.policy.tier}
+        return {seq.tier.name for seq in [*s.running, *s.waiting] if seq.tier} | {self.policy.tier.name}
 
     def fail_all(self, message: str) -> None:
         """Fail every request in flight with `message` (the engine cannot go on); under the lock."""
@@ -305,12 +226,12 @@ class EngineCore:
 
     def fail_waiting(self, tier: str, message: str) -> None:
         """Fail the waiting requests of `tier` (its build failed); under the lock."""
-        for seq in [q for q in self.scheduler.waiting if (q.tier or self.policy.tier) == tier]:
+        for seq in [q for q in self.scheduler.waiting if (q.tier or self.policy.tier).name == tier]:
             self._finish(seq, "error", error=message)
 
     def load(self) -> float:
         s = self.scheduler
-        if self.policy.spec.signal == "kv":
+        if self.policy.spec.signal is LoadSignal.KV:
             return s.slots.used / s.slots.total
         return len(s.waiting) + len(s.running)
 
@@ -400,7 +321,7 @@ class EngineCore:
         timings = Timings(queue=(st.admitted or now) - st.submitted,
                           ttft=None if st.first_token is None else st.first_token - st.submitted,
                           e2e=now - st.submitted, inter_token=tuple(b - a for a, b in zip(t, t[1:])))
-        st.sink(FinishEvent(reason, st.text.text, seq.tier, len(seq.prompt_ids), len(seq.output_ids),
+        st.sink(FinishEvent(reason, st.text.text, seq.tier.name, len(seq.prompt_ids), len(seq.output_ids),
                             timings, error))
 
     # ----------------------------------------------------------------------------------------- control
@@ -413,7 +334,7 @@ class EngineCore:
         with self.lock:
             s = self.scheduler
             return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_slots_used=s.slots.used,
-                               kv_slots_total=s.slots.total, current_auto_tier=self.policy.tier)
+                               kv_slots_total=s.slots.total, current_auto_tier=self.policy.tier.name)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
                  tiers: object | list[object] = None) -> list[Generation]:

@@ -23,9 +23,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .api import EngineOverloadedError
+from .options import EngineConfig, default_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tiers import TierSpec
 
 
 class SeqStatus(Enum):
@@ -40,7 +44,7 @@ class Sequence:
 
     request_id: str
     prompt_ids: list[int]
-    tier: str | None = None  # explicit tier, or None = auto until admission
+    tier: TierSpec | None = None  # resolved when added; None = auto until admission
     data: Any = None
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
@@ -118,16 +122,17 @@ class SlotAllocator:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits of the scheduler."""
+    """Limits of the scheduler: EngineConfig's `max_batch` (here `num_slots`), `max_waiting`, `prefill_chunk`
+    and `max_step_tokens`, with EngineConfig's defaults and meaning (engine/options.py documents them)."""
 
-    num_slots: int = 8
-    """KV cache slots = most sequences running at once."""
-    max_waiting: int = 256
-    """Waiting-queue bound; `add` beyond it raises EngineOverloadedError."""
-    prefill_chunk: int = 256
-    """Most prompt tokens of one sequence computed in one step (longer prompts prefill in chunks)."""
-    max_step_tokens: int = 512
-    """Token budget of one step (decode rows count one each); must be >= num_slots."""
+    num_slots: int = default_of("max_batch")
+    max_waiting: int = default_of("max_waiting")
+    prefill_chunk: int = default_of("prefill_chunk")
+    max_step_tokens: int = default_of("max_step_tokens")
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> SchedulerConfig:
+        return cls(config.max_batch, config.max_waiting, config.prefill_chunk, config.max_step_tokens)
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "prefill_chunk"):
@@ -168,7 +173,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, auto_tier: str, ready: Callable[[str], bool] | None = None) -> SchedulerOutput:
+    def schedule(self, auto_tier: TierSpec, ready: Callable[[TierSpec], bool] | None = None) -> SchedulerOutput:
         """Pick this step's rows (module docstring); `auto_tier` is given to auto sequences admitted now;
         waiting sequences whose tier fails `ready` are passed over (None: every tier is ready)."""
         out = SchedulerOutput()

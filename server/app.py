@@ -50,9 +50,9 @@ async def _call_if_present(obj: object, *names: str) -> None:
 def apply_default_tier(engine: EngineProtocol, tier: str | None) -> None:
     if tier is None:
         return
-    name = resolve_tier(engine, tier, param="default_tier")
-    if name is not None:
-        engine.set_policy(replace(engine.get_policy(), default_tier=name))
+    resolved = resolve_tier(engine, tier, param="default_tier")
+    if resolved is not None:
+        engine.set_policy(replace(engine.get_policy(), default_tier=resolved.name))
 
 
 async def _load(app: FastAPI, state: ServerState, factory: EngineFactory | None) -> None:

@@ -12,6 +12,7 @@ from fastapi import Request
 from pydantic import SecretStr
 from sparsedial.engine.api import EngineProtocol, TierRequest, UnknownTierError
 from sparsedial.engine.sampling import SamplingParams
+from sparsedial.engine.tiers import TierSpec
 
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -65,8 +66,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def resolve_tier(engine: EngineProtocol, requested: TierRequest, param: str = "sparsity") -> str | None:
-    """A tier name, or None for auto; 400 listing the tiers when unknown."""
+def resolve_tier(engine: EngineProtocol, requested: TierRequest, param: str = "sparsity") -> TierSpec | None:
+    """The tier a request names (resolved once, here: the engine checks it without parsing it again), or None
+    for auto; 400 listing the tiers when unknown."""
     try:
         return engine.resolve_tier(requested)
     except UnknownTierError as exc:
@@ -78,7 +80,7 @@ def model_ids(state: ServerState, engine: EngineProtocol) -> list[str]:
     return [name] + [f"{name}@{t}" for t in engine.tiers]
 
 
-def request_tier(state: ServerState, engine: EngineProtocol, model: str, sparsity: TierRequest) -> str | None:
+def request_tier(state: ServerState, engine: EngineProtocol, model: str, sparsity: TierRequest) -> TierSpec | None:
     """The tier from the `sparsity` field and/or a `<model>@<tier>` id; 400 when both are given and differ,
     404 for a model id this server does not serve."""
     name = state.model_id(engine)

@@ -39,7 +39,7 @@ def _named_tier(engine: EngineProtocol, value: str, param: str) -> str:
     if tier is None:
         raise APIError(400, f"{param} must name a tier ({', '.join(engine.tiers)}), not 'auto'", param=param,
                        code="unknown_tier")
-    return tier
+    return tier.name
 
 
 def updated_policy(engine: EngineProtocol, body: TierUpdate) -> PolicySpec:

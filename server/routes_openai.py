@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from sparsedial.engine.api import EngineProtocol, FinishEvent, StreamEvent, TokenEvent, TokenLogprob
+from sparsedial.engine.tiers import TierSpec
 
 from .chat import render_chat
 from .deps import (
@@ -114,7 +115,7 @@ def _check_common(body: _OpenAIRequest, state: ServerState) -> None:
                            code="unsupported_parameter")
 
 
-def _jobs(state: ServerState, body: _OpenAIRequest, prompts: list[list[int]], tiers: list[str | None],
+def _jobs(state: ServerState, body: _OpenAIRequest, prompts: list[list[int]], tiers: list[TierSpec | str | None],
           max_tokens: int, logprobs: int | None) -> list[Job]:
     """n jobs per prompt; a seeded request gives choice j the seed `seed + j` so the choices differ."""
     jobs: list[Job] = []
@@ -177,7 +178,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
         if max_tokens == 0:
             choices, usage, tier_used = echo_choices(scored, body.n)
             return CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage, tier=tier_used)
-        tiers: list[str | None] = [s.tier for s in scored]
+        tiers: list[TierSpec | str | None] = [s.tier for s in scored]
     else:
         scored, tiers = None, [tier] * len(prompts)
     run = RequestRun.start(engine, state.metrics, "/v1/completions",

@@ -2,22 +2,24 @@
 
 Every field reads from an environment variable `SPARSEDIAL_<FIELD>` (e.g. `SPARSEDIAL_PORT=9000`,
 `SPARSEDIAL_ADMIN_TOKEN=...`); the CLI builds a `ServerSettings` from its options and never restates a default.
+The engine's own settings (model, device, dtype, backend, max_running, max_waiting, allow_external_base) take
+their default and description from `EngineConfig` (engine/options.py), where each is documented once.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sparsedial.engine.options import Backend, DType, default_of, doc_of
+from sparsedial.engine.tiers import looks_like_tier
 
 from sparsedial.paths import default_model
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-TIER_SYNTAX = re.compile(r"dense|auto|\d+:\d+|\d+(\.\d+)?%|0?\.\d+|[01](\.0*)?")
 
 
 class ServerSettings(BaseSettings):
@@ -27,15 +29,12 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind; loopback by default, 0.0.0.0 in containers.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free port).")
-    model: Path = Field(default_factory=default_model,
-                        description="Model directory: an elastic checkpoint or a plain HF model directory. "
-                                    "Default (sparsedial.paths.default_model): the embedded "
-                                    "stdlib-tiny-elastic if built, else the embedded stdlib-tiny.")
+    model: Path = Field(default_factory=default_model, description=doc_of("model"))
     served_model_name: str | None = Field(None, description="Model id shown by /v1/models and expected in "
                                                             "requests; default: the engine's model name.")
-    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (CUDA when available).")
-    dtype: str = Field("auto", description="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA).")
-    backend: str = Field("auto", description="Sparse backend: auto (triton on CUDA, else torch), torch or triton.")
+    device: str = Field(default_of("device"), description=doc_of("device"))
+    dtype: DType = Field(default_of("dtype"), description=doc_of("dtype"))
+    backend: Backend = Field(default_of("backend"), description=doc_of("backend"))
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables the "
                                                             "admin routes (403).")
     api_key: SecretStr | None = Field(None, description="Bearer token required on /generate, /v1/*, /tokenize and "
@@ -47,16 +46,13 @@ class ServerSettings(BaseSettings):
                                                                          "no CORS headers.")
     default_tier: str | None = Field(None, description="Initial default tier for `auto` requests; None keeps "
                                                        "the engine's own default.")
-    max_waiting: int | None = Field(None, ge=1, description="Waiting-queue limit before 429; None keeps the "
-                                                            "engine's default.")
-    max_running: int | None = Field(None, ge=1, description="Requests decoded at once (KV slots, the engine's "
-                                                            "max_batch); None keeps the engine's default.")
+    max_waiting: int = Field(default_of("max_waiting"), ge=1, description=doc_of("max_waiting"))
+    max_running: int = Field(default_of("max_batch"), ge=1, description=doc_of("max_batch") + " (the engine's "
+                                                                                      "max_batch)")
     disconnect_poll_s: float = Field(0.1, gt=0, description="How often a non-streaming request checks whether "
                                                             "its client has gone (then it is cancelled).")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug, trace.")
-    allow_external_base: bool = Field(False, description="Let an elastic checkpoint's base weights lie outside "
-                                                         "its parent folder (off: a checkpoint from elsewhere "
-                                                         "cannot make the server read arbitrary files).")
+    allow_external_base: bool = Field(default_of("allow_external_base"), description=doc_of("allow_external_base"))
 
     # --- input limits: one request must not be able to slow down or starve the others ---
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body accepted (bytes); "
@@ -78,7 +74,7 @@ class ServerSettings(BaseSettings):
         SPARSEDIAL_DEFAULT_TIER= in a compose file."""
         if v is None or isinstance(v, str) and not v.strip():
             return None
-        if not isinstance(v, str) or not TIER_SYNTAX.fullmatch(v.strip()):
+        if not looks_like_tier(v):
             raise ValueError(f"default_tier must be dense, auto, N:M, <n>% or a fraction, got {v!r}")
         return v.strip()
 
@@ -88,21 +84,6 @@ class ServerSettings(BaseSettings):
         if v.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
         return v.lower()
-
-    @field_validator("dtype")
-    @classmethod
-    def _check_dtype(cls, v: str) -> str:
-        allowed = ("auto", "float32", "float16", "bfloat16")
-        if v not in allowed:
-            raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {v!r}")
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _check_backend(cls, v: str) -> str:
-        if v not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {v!r}")
-        return v
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

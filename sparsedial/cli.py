@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from sparsedial.engine.options import DType, choices, default_of, doc_of
 from sparsedial.errors import SparsedialError
 from sparsedial.paths import default_model
 
@@ -25,15 +26,11 @@ def __getattr__(name: str):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """--model / --device default to SPARSEDIAL_MODEL / SPARSEDIAL_DEVICE when set, as `serve` reads them."""
-    p.add_argument("--model", type=Path, default=default_model(),
-                   help="model directory: HF layout or an elastic checkpoint (env SPARSEDIAL_MODEL; default: the "
-                        "embedded elastic model, or the dense one if it is not built)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default=os.environ.get("SPARSEDIAL_DEVICE") or "auto",
-                   help="cpu, cuda, cuda:N or auto (env SPARSEDIAL_DEVICE)")
-    p.add_argument("--allow-external-base", action="store_true",
-                   help="let an elastic checkpoint's base weights lie outside its parent folder")
+    p.add_argument("--model", type=Path, default=default_model(), help=doc_of("model"))
+    p.add_argument("--dtype", default=default_of("dtype"), choices=choices(DType), help=doc_of("dtype"))
+    p.add_argument("--device", default=os.environ.get("SPARSEDIAL_DEVICE") or default_of("device"),
+                   help=doc_of("device") + " (env SPARSEDIAL_DEVICE)")
+    p.add_argument("--allow-external-base", action="store_true", help=doc_of("allow_external_base"))
 
 
 def _device(name: str) -> str:
@@ -76,10 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from sparsedial.evaluate import load_texts, perplexity, token_stream
-    from sparsedial.engine.loader import load_model
-
     from sparsedial.engine.elastic_format import is_elastic
+    from sparsedial.engine.loader import load_model
+    from sparsedial.evaluate import load_texts, perplexity, token_stream
 
     if args.tier and not is_elastic(args.model):  # before loading anything: a plain model has no tiers
         raise SparsedialError(f"--tier: {args.model} is not an elastic checkpoint (no elastic.json)")
@@ -102,7 +98,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
         ref_dir = base_weights_path(args.model).resolve().parent  # an elastic dir may refer to its base
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=lm.model.lm_head.weight.dtype).to(device).eval()
-        fn = lambda x: ref(input_ids=x).logits  # noqa: E731
+        fn = lambda x: ref(input_ids=x).logits
     else:
         fn = lm.model
     print(f"model {args.model}  data {args.data}  backend {args.backend}  window {seq_len}")
@@ -279,21 +275,20 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                               "models/smollm2-135m-instruct --port 9000  |  SPARSEDIAL_ADMIN_TOKEN=secret "
                               "sparsedial serve --host 0.0.0.0. Options left out come from SPARSEDIAL_<OPTION> "
                               "env vars, then the defaults in docs/api.md.")
-    s.add_argument("--host", help="interface to bind (env SPARSEDIAL_HOST; default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="TCP port (env SPARSEDIAL_PORT; default 8000)")
-    s.add_argument("--model", type=Path, help="model directory (default: the embedded elastic model)")
-    s.add_argument("--served-model-name", help="model id in the API (default: the model directory's name)")
-    s.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    s.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
-    s.add_argument("--backend", help="auto, torch or triton")
-    s.add_argument("--default-tier", help="initial default tier for `auto` requests")
-    s.add_argument("--max-running", type=int, help="requests decoded at once (KV slots)")
-    s.add_argument("--max-waiting", type=int, help="waiting-queue bound before 429")
-    s.add_argument("--log-level", help="uvicorn log level")
-    s.add_argument("--allow-external-base", action="store_true", default=None,
-                   help="let an elastic checkpoint's base weights lie outside its parent folder")
-    s.add_argument("--api-key", help="bearer key required on /generate, /v1/*, /tokenize (env SPARSEDIAL_API_KEY)")
-    s.add_argument("--allowed-origins", help="CORS origins, comma-separated, or * (env SPARSEDIAL_ALLOWED_ORIGINS)")
+    from sparsedial.server.settings import ServerSettings
+
+    def setting(name: str, **kw) -> None:
+        """An option of ServerSettings field `name`: its one description, its env var, its default."""
+        f = ServerSettings.model_fields[name]
+        default = "" if f.default_factory is not None or f.default is None else f"; default {f.default}"
+        s.add_argument("--" + name.replace("_", "-"), help=f"{f.description} (env SPARSEDIAL_{name.upper()}"
+                                                           f"{default})", **kw)
+
+    for name in ("host", "port", "model", "served_model_name", "device", "dtype", "backend", "default_tier",
+                 "max_running", "max_waiting", "log_level", "api_key", "allowed_origins"):
+        kind = {"port": int, "max_running": int, "max_waiting": int, "model": Path}.get(name)
+        setting(name, **({"type": kind} if kind else {}))
+    setting("allow_external_base", action="store_true", default=None)
     s.set_defaults(func=cmd_serve)
 
 

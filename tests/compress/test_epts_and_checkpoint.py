@@ -164,9 +164,9 @@ def test_cli_compress_and_eval_tiers(tiny_model_dir, calib_file, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--tiers", "dense,55.5%"], "expected an integer percent"),
+    (["--tiers", "dense,55.5%"], "expected a whole percent"),
     (["--calib", "/nonexistent/file"], "is not 'stdlib'"),
-    (["--epochs", "1", "--lora-mode", "masked", "--tiers", "3:8"], "is not 'dense', '<n>%' or '2:4'"),
+    (["--epochs", "1", "--lora-mode", "masked", "--tiers", "3:8"], "is not 'dense', '<n>%' or one of 2:4"),
 ])
 def test_cli_compress_bad_input(tiny_model_dir, tmp_path, args, msg, capsys):
     with pytest.raises(SystemExit) as e:

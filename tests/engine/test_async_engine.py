@@ -98,7 +98,7 @@ def test_policy_at_run_time_and_explicit_tiers_win(engine):
     eng.set_policy(PolicySpec(default_tier="2:4"))
     assert eng.get_policy().default_tier == "2:4" and eng.stats().current_auto_tier == "2:4"
     assert asyncio.run(tier_of("auto")) == "2:4" and asyncio.run(tier_of(0.4)) == "40%"
-    assert eng.resolve_tier("50%") == "50%" and eng.resolve_tier("auto") is None
+    assert eng.resolve_tier("50%").name == "50%" and eng.resolve_tier("auto") is None
 
 
 def test_submit_after_shutdown(engine):

@@ -35,7 +35,7 @@ def test_plain_model_serves_dense_only(capsys):
 
 def test_eval_ppl_tiers_on_a_plain_model_fails_before_loading(capsys, monkeypatch):
     """`--tier` on a model without elastic.json is refused at once (it used to load the model first)."""
-    import sparsedial.engine.loader as loader
+    from sparsedial.engine import loader
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the check")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from sparsedial.compress.export import load_elastic_for_eval, tier_weights
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import ElasticLinear, TierPlan, TierWeights
+from sparsedial.engine.linear import ElasticLinear, TierWeights
+from sparsedial.engine.tiers import TierPlan
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
 
@@ -30,8 +31,9 @@ def test_shipped_model_high_tiers_use_csr_and_match_the_static_model():
     lm, spec, tensors = load_elastic_for_eval(SHIPPED)
     tokens = torch.randint(0, 6144, (4, 16), generator=torch.Generator().manual_seed(0))  # 64 rows
     for name, has_csr in (("90%", True), ("80%", True), ("70%", False), ("2:4", False)):
-        with torch.inference_mode(), em.plan(TierPlan.from_rows([name] * 4)):
-            got = em.model(tokens)
+        em.ensure([name])
+        with torch.inference_mode():
+            got = em.model(tokens, plan=TierPlan.single(em.tier_spec(name)))
         linears = [m for m in em.model.modules() if isinstance(m, ElasticLinear)]
         assert all((m.tiers[name].csr is not None) == has_csr for m in linears), name
         with torch.inference_mode(), tier_weights(lm.model, spec, tensors, spec.tier(name)) as ref:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 from sparsedial.engine.api import FinishEvent, PolicySpec, PromptTooLongError, TokenEvent, UnknownTierError
-from sparsedial.engine.generate import generate
 from sparsedial.engine.sampling import SamplingParams
+
+from sparsedial.testing import generate
 
 from .conftest import PROMPTS
 
@@ -25,7 +26,7 @@ def test_batched_equals_alone_and_the_static_model(make_core, em, static, tier):
     assert all(g.finish.tier == tier and g.finish.finish_reason == "length" for g in batched)
     for prompt, g in zip(PROMPTS, batched):
         assert core.generate([prompt], GREEDY, tier)[0].token_ids == g.token_ids
-    ref = static.at(em.tier_spec(tier))
+    ref = static.at(tier)
     want = generate(ref.model, ref.tokenizer, PROMPTS, GREEDY)
     assert tokens(batched) == [c.tokens for c in want]
     assert [g.finish.text for g in batched] == [c.text for c in want]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from sparsedial.engine.api import PolicySpec, UnknownTierError
 from sparsedial.engine.policy import TierPolicy
+from sparsedial.engine.tiers import TierSpec
 
 TIERS = ["dense", "30%", "50%", "2:4"]
+SPECS = {t: TierSpec(t, "dense" if t == "dense" else "nm" if t == "2:4" else "unstructured", 0.0) for t in TIERS}
 
 
 def resolve(t):
@@ -14,16 +16,26 @@ def resolve(t):
         return None
     if t not in TIERS:
         raise UnknownTierError(t, TIERS)
-    return t
+    return SPECS[t]
+
+
+class Names:
+    """The policy's tier names as it moves (TierPolicy.update returns TierSpecs)."""
+
+    def __init__(self, policy: TierPolicy) -> None:
+        self.policy = policy
+
+    def update(self, load: float) -> str:
+        return self.policy.update(load).name
 
 
 def test_fixed_ignores_load():
-    p = TierPolicy(PolicySpec(default_tier="30%"), resolve)
+    p = Names(TierPolicy(PolicySpec(default_tier="30%"), resolve))
     assert [p.update(x) for x in (0, 100, 0)] == ["30%"] * 3
 
 
 def test_load_ladder_climbs_at_thresholds_and_steps_back_with_hysteresis():
-    p = TierPolicy(PolicySpec(mode="load", ladder=((4, "30%"), (8, "2:4")), hysteresis=2), resolve)
+    p = Names(TierPolicy(PolicySpec(mode="load", ladder=((4, "30%"), (8, "2:4")), hysteresis=2), resolve))
     loads = [0, 3, 4, 5, 3, 2, 1, 9, 7, 6, 5, 10, 0]
     got = [p.update(x) for x in loads]
     assert got == ["dense", "dense", "30%", "30%", "30%", "30%",  # 3, 2 stay: not below 4 - 2
@@ -34,7 +46,7 @@ def test_load_ladder_climbs_at_thresholds_and_steps_back_with_hysteresis():
 
 
 def test_kv_signal_thresholds_are_fractions():
-    p = TierPolicy(PolicySpec(mode="load", signal="kv", ladder=((0.5, "50%"),), hysteresis=0.25), resolve)
+    p = Names(TierPolicy(PolicySpec(mode="load", signal="kv", ladder=((0.5, "50%"),), hysteresis=0.25), resolve))
     assert [p.update(x) for x in (0.25, 0.5, 0.3, 0.2)] == ["dense", "50%", "50%", "dense"]
     with pytest.raises(ValueError, match="outside"):
         TierPolicy(PolicySpec(mode="load", signal="kv", ladder=((2, "50%"),)), resolve)

@@ -31,14 +31,17 @@ pytest.importorskip("triton")
 
 from safetensors.torch import save_file
 from sparsedial.engine.config import ModelConfig
-from sparsedial.engine.elastic import ElasticModel, choose_backend, write_synthetic_elastic
+from sparsedial.engine.elastic import ElasticModel, choose_backend
 from sparsedial.engine.elastic_format import TierSpec, read_elastic, write_elastic
-from sparsedial.engine.linear import ElasticLinear, TierPlan
+from sparsedial.engine.linear import ElasticLinear
 from sparsedial.engine.model import Transformer
 from sparsedial.engine.runner import EngineConfig, EngineCore
 from sparsedial.engine.sampling import SamplingParams
+from sparsedial.engine.tiers import TierPlan
 from sparsedial.kernels import Packed24, PackedBitmap, sparse_linear
 from sparsedial.kernels._launch import interpreter_enabled
+
+from sparsedial.testing import write_synthetic_elastic
 
 from .conftest import EMBEDDED
 
@@ -124,8 +127,9 @@ def linears(em: ElasticModel) -> list[ElasticLinear]:
 
 def logits(em: ElasticModel, tiers: list[str] | str, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
     rows = [em.resolve(t) for t in ([tiers] * tokens.shape[0] if isinstance(tiers, str) else tiers)]
-    with torch.inference_mode(), em.plan(TierPlan.from_rows(rows)):
-        return em.model(tokens)
+    em.ensure({r.name for r in rows})
+    with torch.inference_mode():
+        return em.model(tokens, plan=TierPlan.from_rows(rows))
 
 
 # ------------------------------------------------------------------------------------------ backend choice
@@ -145,7 +149,7 @@ def test_choose_backend_triton_on_cpu_only_under_the_interpreter(monkeypatch):
 def test_triton_tiers_hold_packed_weights_and_count_their_bytes(pair):
     tr, to = pair()
     for em in (tr, to):
-        em.ensure([em.resolve("45%")])  # on demand: from the drop levels, LoRA groups 0 and 1
+        em.ensure([em.resolve("45%").name])  # on demand: from the drop levels, LoRA groups 0 and 1
     for name in TIERS:
         for lin in linears(tr):
             tw = lin.tiers[name]

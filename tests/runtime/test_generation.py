@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparsedial.engine.generate import generate
 from sparsedial.engine.sampling import SamplingParams, filter_logits, select_token
+
+from sparsedial.testing import generate
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\nclass ", "    for i in range(", "#"]
 

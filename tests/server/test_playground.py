@@ -1,7 +1,7 @@
 """The playground page (`server/routes_playground.py`, `server/playground/`).
 
-Plain HTTP tests (fake engine): `/status`, the page and the static route refusing `..` and other unsafe
-names. Browser tests: real uvicorn on loopback with the REAL engine on the embedded model, driven through
+Everything runs on real uvicorn on loopback with the REAL engine on the embedded model. Plain HTTP tests:
+`/status`, the page and the static route refusing `..` and other unsafe names. Browser tests: driven through
 Debian's chromium (`apt-get install chromium`) by playwright (`pip install playwright`; never `playwright
 install`). Every request the page makes is logged and any to a non-loopback host is aborted and fails the
 test. `SPARSEDIAL_SCREENSHOT=1` rewrites docs/figures/playground.png.
@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import REAL_MODEL
-from fake_engine import FakeEngine
+from conftest import MODEL_NAME, REAL_MODEL, SLOTS, TIERS, idle, make_engine, wait_until
+from reference import decode, direct, hf_greedy
 from sparsedial.server import ServerSettings, create_app
 from sparsedial.server.live import LiveServer
 from sparsedial.server.routes_playground import router as playground_router
@@ -44,16 +44,6 @@ def playground_app(settings: ServerSettings, engine=None, **kw):
     return app
 
 
-@pytest.fixture
-def fake_server():
-    engine = FakeEngine()
-    srv = LiveServer(playground_app(ServerSettings(admin_token=TOKEN), engine), engine).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def raw_get(srv: LiveServer, target: str) -> tuple[int, bytes]:
     """GET `target` exactly as written (no client-side `..` normalisation); (status, body)."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
@@ -66,18 +56,15 @@ def raw_get(srv: LiveServer, target: str) -> tuple[int, bytes]:
 
 
 # ------------------------------------------------------------------------------------ plain HTTP tests
-def test_status_reports_load_and_policy(fake_server):
-    engine = fake_server.engine
-    r = httpx.get(f"{fake_server.url}/status")
+def test_status_reports_load_and_policy(live):
+    r = httpx.get(f"{live.url}/status")
     assert r.status_code == 200
-    s, stats = r.json(), engine.stats()
-    assert s == {"model": "fake-model", "tiers": engine.tiers, "running": stats.running, "waiting": stats.waiting,
-                 "kv_slots_used": stats.kv_slots_used, "kv_slots_total": stats.kv_slots_total,
-                 "current_auto_tier": stats.current_auto_tier, "default_tier": "dense", "mode": "fixed"}
-    put = httpx.put(f"{fake_server.url}/admin/tier", headers={"Authorization": f"Bearer {TOKEN}"},
+    assert r.json() == {"model": MODEL_NAME, "tiers": TIERS, "running": 0, "waiting": 0, "kv_slots_used": 0,
+                        "kv_slots_total": SLOTS, "current_auto_tier": "dense", "default_tier": "dense", "mode": "fixed"}
+    put = httpx.put(f"{live.url}/admin/tier", headers={"Authorization": f"Bearer {TOKEN}"},
                     json={"default_tier": "50%", "mode": "load", "ladder": [{"threshold": 4, "tier": "2:4"}]})
     assert put.status_code == 200
-    s = httpx.get(f"{fake_server.url}/status").json()
+    s = httpx.get(f"{live.url}/status").json()
     assert (s["default_tier"], s["mode"], s["current_auto_tier"]) == ("50%", "load", "50%")
 
 
@@ -91,16 +78,16 @@ def test_status_is_503_until_the_engine_loads():
         assert httpx.get(f"{srv.url}/playground").status_code == 200  # the page itself needs no engine
 
 
-def test_page_and_static_files_are_served(fake_server):
-    r = httpx.get(f"{fake_server.url}/")
+def test_page_and_static_files_are_served(live):
+    r = httpx.get(f"{live.url}/")
     assert r.status_code == 307 and r.headers["location"] == "/playground"
-    page = httpx.get(f"{fake_server.url}/playground")
+    page = httpx.get(f"{live.url}/playground")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "connect-src 'self'" in page.headers["content-security-policy"]
     for name in re.findall(r'"/playground/static/([^"]+)"', page.text):
-        r = httpx.get(f"{fake_server.url}/playground/static/{name}")
+        r = httpx.get(f"{live.url}/playground/static/{name}")
         assert r.status_code == 200 and r.content == (ROOT / "server" / "playground" / name).read_bytes()
-    assert httpx.get(f"{fake_server.url}/playground/static/playground.js").headers["content-type"].startswith(
+    assert httpx.get(f"{live.url}/playground/static/playground.js").headers["content-type"].startswith(
         "text/javascript")
     assert "http://" not in page.text and "https://" not in page.text  # nothing from another host
 
@@ -112,8 +99,8 @@ def test_page_and_static_files_are_served(fake_server):
     "/playground/static//etc/passwd", "/playground/static/%2Fetc%2Fpasswd", "/playground/static/app.py",
     "/playground/static/missing.js",
 ])
-def test_static_route_refuses_unsafe_names(fake_server, target):
-    status, body = raw_get(fake_server, target)
+def test_static_route_refuses_unsafe_names(live, target):
+    status, body = raw_get(live, target)
     assert status == 404, (target, body[:200])
     assert b"import" not in body and b"root:" not in body and b"[project]" not in body
 
@@ -145,14 +132,16 @@ def browser():
 
 @pytest.fixture
 def live(real_engine):
-    """A server per test over the module's engine; the engine's policy is restored afterwards."""
+    """A server per test over the shared engine; afterwards the engine must be idle and gets its policy back."""
     policy = real_engine.get_policy()
     srv = LiveServer(playground_app(ServerSettings(model=MODEL, admin_token=TOKEN), real_engine), real_engine).start()
     try:
         yield srv
     finally:
         srv.stop()
+        left = wait_until(lambda: idle(real_engine), timeout=10)
         real_engine.set_policy(policy)
+    assert left, f"requests left in the engine after the test: {real_engine.stats()}"
 
 
 class Page:
@@ -215,19 +204,18 @@ def ui(browser, live):
     assert not page.errors, f"JavaScript errors: {page.errors}"
 
 
-def greedy(srv: LiveServer, tier: str, max_tokens: int = 48) -> dict:
-    r = httpx.post(f"{srv.url}/generate", timeout=60,
-                   json={"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "sparsity": tier})
-    assert r.status_code == 200, r.text
-    return r.json()
+def greedy(srv: LiveServer, tier: str, max_tokens: int = 48) -> list[int]:
+    """The page's default request (greedy) at `tier`: transformers for dense, else the engine's own submit."""
+    if tier == "dense":
+        return hf_greedy(PROMPT, max_tokens)
+    return direct(srv.engine, PROMPT, tier, max_tokens=max_tokens, temperature=0).token_ids
 
 
 def test_page_loads_offline_and_dial_lists_tiers(ui, live):
-    engine = live.engine
-    assert ui.text("#model-name") == engine.model_name
+    assert ui.text("#model-name") == MODEL_NAME
     labels = ui.page.eval_on_selector_all("#dial-a-labels li", "els => els.map(e => e.textContent)")
-    assert labels == ["auto", *engine.tiers]
-    assert ui.page.get_attribute("#dial-a", "max") == str(len(engine.tiers))
+    assert labels == ["auto", *TIERS]
+    assert ui.page.get_attribute("#dial-a", "max") == str(len(TIERS))
     assert ui.page.eval_on_selector_all("#dial-ticks option", "els => els.map(e => e.label)") == labels
     assert ui.text("#dial-a-name") == "auto"
     assert ui.page.is_hidden("#pane-b") and ui.page.is_hidden("#admin-editor")
@@ -248,8 +236,8 @@ def test_generation_streams_text_and_shows_the_serving_tier(ui, live):
     assert sent == {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "sparsity": "dense", "stream": True}
     assert ui.text("#served-a") == "dense"
     ref = greedy(live, "dense", max_tokens=200)
-    assert ref["text"] and ui.text("#out-a") == ref["text"]
-    assert ui.text("#tokens-a") == str(ref["usage"]["completion_tokens"])
+    assert ref and ui.text("#out-a") == decode(ref)
+    assert ui.text("#tokens-a") == str(len(ref))
     assert re.fullmatch(r"\d+(\.\d+)? m?s", ui.text("#ttft-a")), ui.text("#ttft-a")
     assert float(ui.text("#tps-a")) > 0
     lengths = [n for n in ui.page.evaluate("window.outLengths") if n > 0]
@@ -259,7 +247,7 @@ def test_generation_streams_text_and_shows_the_serving_tier(ui, live):
 
 
 def test_moving_the_dial_changes_the_next_requests_tier(ui, live):
-    tiers = live.engine.tiers
+    tiers = TIERS
     for presses in (1, 2, 3):
         ui.page.focus("#dial-a")  # Generate took the focus
         for _ in range(presses):
@@ -275,7 +263,7 @@ def test_moving_the_dial_changes_the_next_requests_tier(ui, live):
     ui.page.focus("#dial-a")
     ui.page.keyboard.press("Home")
     (sent,) = ui.generate()  # auto: the policy's default tier serves it
-    assert sent["sparsity"] == "auto" and ui.text("#served-a") == live.engine.get_policy().default_tier
+    assert sent["sparsity"] == "auto" and ui.text("#served-a") == "dense"
 
 
 def test_compare_mode_runs_two_tiers_side_by_side(ui, live):
@@ -286,8 +274,8 @@ def test_compare_mode_runs_two_tiers_side_by_side(ui, live):
     sent = ui.generate("ab")
     assert sorted(s["sparsity"] for s in sent) == sorted(["dense", "2:4"])
     assert (ui.text("#served-a"), ui.text("#served-b")) == ("dense", "2:4")
-    assert ui.text("#out-a") == greedy(live, "dense")["text"]
-    assert ui.text("#out-b") == greedy(live, "2:4")["text"]
+    assert ui.text("#out-a") == decode(greedy(live, "dense"))
+    assert ui.text("#out-b") == decode(greedy(live, "2:4"))
     assert ui.text("#out-a") and ui.text("#out-b")
     if os.environ.get("SPARSEDIAL_SCREENSHOT") == "1":
         ui.page.fill("#admin-token", TOKEN)
@@ -301,11 +289,10 @@ def test_compare_mode_runs_two_tiers_side_by_side(ui, live):
 
 
 def test_live_panel_shows_numbers_from_status(ui, live):
-    stats = live.engine.stats()
-    expect(ui.page.locator("#live-kv-total")).to_have_text(str(stats.kv_slots_total))
+    expect(ui.page.locator("#live-kv-total")).to_have_text(str(SLOTS))
     for sel in ("#live-running", "#live-waiting", "#live-kv-used"):
-        assert ui.text(sel).isdigit(), sel
-    assert ui.text("#live-auto") == stats.current_auto_tier
+        assert ui.text(sel) == "0", sel  # idle
+    assert ui.text("#live-auto") == "dense"
     assert ui.text("#live-mode") == "fixed"
     put = httpx.put(f"{live.url}/admin/tier", headers={"Authorization": f"Bearer {TOKEN}"},
                     json={"default_tier": "70%"})
@@ -327,7 +314,7 @@ def test_admin_section_edits_the_policy(ui, live):
     assert ui.page.is_hidden("#admin-error")
     assert ui.page.input_value("#admin-default") == "dense"
     options = ui.page.eval_on_selector_all("#admin-default option", "els => els.map(e => e.value)")
-    assert options == live.engine.tiers
+    assert options == TIERS
     ui.page.select_option("#admin-default", "50%")
     ui.page.click("#admin-save")
     expect(ui.page.locator("#admin-status")).to_have_text(re.compile(r"^saved"))
@@ -377,25 +364,26 @@ def test_api_key_field_and_server_errors(browser, real_engine):
 
 
 def test_page_waits_for_the_engine_to_load(browser):
-    """Served before the engine is ready: the page says so, keeps Generate off, then comes up by itself."""
+    """Served before the engine is ready: the page says so, keeps Generate off, then comes up by itself. The
+    engine is a real one (its own: the app shuts it down), loaded once the test says go."""
     release = threading.Event()
 
     def slow_factory(_settings):
         release.wait(30)
-        return FakeEngine()
+        return make_engine(max_batch=1, resident_tiers=("dense",))  # the other tiers build on first use
 
-    with LiveServer(playground_app(ServerSettings(), engine_factory=slow_factory)) as srv:
+    with LiveServer(playground_app(ServerSettings(model=MODEL), engine_factory=slow_factory)) as srv:
         ui = Page(browser, srv, ready=False)
         try:
             expect(ui.page.locator("#health")).to_have_text("engine loading…")
             expect(ui.page.locator("#live-error")).to_have_text(re.compile("engine is loading"))
             expect(ui.page.locator("#generate")).to_be_disabled()
             release.set()
-            ui.page.wait_for_selector("body[data-ready='1']")
-            expect(ui.page.locator("#model-name")).to_have_text("fake-model")
+            ui.page.wait_for_selector("body[data-ready='1']", timeout=90_000)
+            expect(ui.page.locator("#model-name")).to_have_text(MODEL_NAME)
             expect(ui.page.locator("#live-error")).to_be_hidden()
             labels = ui.page.eval_on_selector_all("#dial-a-labels li", "els => els.map(e => e.textContent)")
-            assert labels == ["auto", *FakeEngine().tiers]
+            assert labels == ["auto", *TIERS]
         finally:
             release.set()
             ui.close()

@@ -1,0 +1,114 @@
+// Torch bindings of the CPU kernels (compiled without ISA flags): checks, threads, and the ISA choice.
+// Kernels run on the ISA unit the caller names ("avx2" or "avx512"); the caller (kernels/_cpu_ext.py)
+// picks it from the CPU's flags and SPARSEDIAL_CPU_ISA, and this file refuses one the CPU lacks.
+// Threads: at::parallel_for over output rows, i.e. torch's intra-op threads of the calling thread.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+
+#include "sd_cpu.h"
+
+namespace {
+
+constexpr int64_t kGrain = 16;  // output rows per task at least
+
+bool cpu_has(const std::string& isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  return false;
+}
+
+bool use_512(const std::string& isa) {
+  TORCH_CHECK(isa == "avx2" || isa == "avx512", "isa must be 'avx2' or 'avx512', got '", isa, "'");
+  TORCH_CHECK(cpu_has(isa), "this CPU does not support the ", isa, " kernels");
+  return isa == "avx512";
+}
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " inputs, the weight ", K);
+}
+
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == N, "bias must be float32 [N]");
+  return b.data_ptr<float>();
+}
+
+template <class T>
+const T* ptr_of(const at::Tensor& t, at::ScalarType st, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous(), what, " has the wrong dtype or layout");
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+template <class Args, class Fn>
+void run_rows(const Args& a, int64_t N, Fn fn) {
+  at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+at::Tensor dense_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                      const std::string& isa) {
+  const bool wide = use_512(isa);
+  TORCH_CHECK(w.dim() == 2, "w must be [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  sdcpu::DenseArgs a{x.data_ptr<float>(), M, K, N, ptr_of<uint16_t>(w, at::kBFloat16, "w"), bias_ptr(bias, N),
+                     y.data_ptr<float>()};
+  if (M > 0) run_rows(a, N, wide ? sdcpu_avx512::dense_bf16 : sdcpu_avx2::dense_bf16);
+  return y;
+}
+
+at::Tensor tiled(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tile_ptr,
+                 const at::Tensor& row_ptr, int64_t N, int64_t K, int64_t tile,
+                 const c10::optional<at::Tensor>& bias, const std::string& isa) {
+  const bool wide = use_512(isa);
+  check_x(x, K);
+  const int64_t M = x.size(0), T = (K + tile - 1) / tile;
+  TORCH_CHECK(tile >= 8 && tile <= 256, "tile must be in [8, 256]");
+  TORCH_CHECK(tile_ptr.numel() == N * (T + 1) && row_ptr.numel() == N + 1, "tile_ptr / row_ptr have the wrong size");
+  TORCH_CHECK(cols.numel() == vals.numel(), "cols and vals differ in length");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t Mp = (M + 7) / 8 * 8;
+  at::Tensor xt;
+  if (M > 1) {
+    xt = at::zeros({K, Mp}, x.options());
+    xt.narrow(1, 0, M).copy_(x.t());
+  }
+  sdcpu::TiledArgs a{x.data_ptr<float>(), M > 1 ? xt.data_ptr<float>() : nullptr, M, Mp, K, N, T, tile,
+                     ptr_of<uint16_t>(vals, at::kBFloat16, "vals"), ptr_of<uint8_t>(cols, at::kByte, "cols"),
+                     ptr_of<int32_t>(tile_ptr, at::kInt, "tile_ptr"), ptr_of<int64_t>(row_ptr, at::kLong, "row_ptr"),
+                     bias_ptr(bias, N), y.data_ptr<float>()};
+  if (M > 0) run_rows(a, N, wide ? sdcpu_avx512::tiled : sdcpu_avx2::tiled);
+  return y;
+}
+
+at::Tensor nm24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, int64_t K,
+                const c10::optional<at::Tensor>& bias, const std::string& isa) {
+  const bool wide = use_512(isa);
+  check_x(x, K);
+  TORCH_CHECK(K % 4 == 0 && vals.dim() == 2 && vals.size(1) == K / 2, "vals must be [N, K/2] with K % 4 == 0");
+  const int64_t N = vals.size(0), M = x.size(0);
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == N && meta.size(1) >= (K / 2 + 3) / 4, "meta must be [N, >= K/8] bytes");
+  at::Tensor y = at::empty({M, N}, x.options());
+  sdcpu::NM24Args a{x.data_ptr<float>(), M, K, N, ptr_of<uint16_t>(vals, at::kBFloat16, "vals"),
+                    ptr_of<uint8_t>(meta, at::kByte, "meta"), meta.size(1), bias_ptr(bias, N), y.data_ptr<float>()};
+  if (M > 0) run_rows(a, N, wide ? sdcpu_avx512::nm24 : sdcpu_avx2::nm24);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_has", &cpu_has, "True when this CPU runs the kernels of `isa` ('avx2' or 'avx512')");
+  m.def("dense_bf16", &dense_bf16);
+  m.def("tiled", &tiled);
+  m.def("nm24", &nm24);
+}

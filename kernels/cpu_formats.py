@@ -1,0 +1,183 @@
+"""Packed CPU tier formats (bf16 values, fp32 accumulate) and their torch references.
+
+Every format stores a linear's weight ``W: [N, K]`` (N = out features, K = in features) as bf16 values, the
+format the CPU kernels of kernels/cpu/ read; x, the accumulation and y stay fp32. Packing rounds values to
+bf16 (round to nearest even) and is otherwise exact: ``unpack(pack(W, mask)) == (W * mask).bfloat16()``.
+
+* ``PackedDense`` (dense tiers): bf16 ``[N, K]`` row-major, 2 bytes/weight.
+* ``PackedTiled`` (unstructured tiers): each row's kept weights grouped by K-tiles of ``tile`` (256)
+  inputs; per (row, tile) a segment of bf16 values + a one-byte column inside the tile, padded to a
+  multiple of 8 entries (value 0, column 0) so kernels run whole vectors; segments are stored row after
+  row, so a block of output rows is one contiguous run of bytes. 3 bytes per kept weight + padding
+  (about 3.5 entries per segment: ~0.04 bytes/weight at tile 256) + a 4-byte segment offset per tile
+  (0.016): 70% -> ~0.96 bytes/weight, 90% -> ~0.35, 50% -> ~1.56 (fp32 dense: 4, bf16 dense: 2).
+  Chosen over the bitmap (2 (1 - s) + 0.125 bytes) because its kernel's work scales with the kept weights
+  (gather of x by column at one row, one broadcast FMA per kept weight over the batch rows), while a bitmap
+  kernel expands every 8 inputs whatever the sparsity; measured in docs/benchmarks.md, "CPU kernels".
+* 2:4 tiers use ``formats.Packed24`` with bf16 values (``pack_24_bf16``): values ``[N, K/2]`` + 2-bit
+  in-group positions, 1.125 bytes/weight; the kernel reads the meta words as bytes (4 positions each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .formats import Packed24, _check_mask, _check_weight, pack_24, unpack_24
+
+__all__ = [
+    "TILE",
+    "PackedDense",
+    "PackedTiled",
+    "linear_24_bf16_reference",
+    "linear_dense_bf16_reference",
+    "linear_tiled_reference",
+    "pack_24_bf16",
+    "pack_dense_bf16",
+    "pack_tiled",
+    "unpack_dense",
+    "unpack_tiled",
+]
+
+TILE = 256  # inputs per K-tile: the largest tile a one-byte column addresses
+_SEG = 8  # segments are padded to a multiple of this many entries
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class PackedDense:
+    """A dense tier's weight as bf16 ``[N, K]`` (row-major, contiguous)."""
+
+    values: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.values)
+
+
+def pack_dense_bf16(weight: torch.Tensor) -> PackedDense:
+    _check_weight(weight)
+    return PackedDense(weight.detach().to(torch.bfloat16).contiguous())
+
+
+def unpack_dense(packed: PackedDense) -> torch.Tensor:
+    return packed.values
+
+
+@dataclass(frozen=True)
+class PackedTiled:
+    """An unstructured sparse weight: per (row, K-tile) segments of bf16 values + one-byte in-tile columns.
+
+    values:   [L] bf16, all segments, row by row, tile by tile (L = padded total).
+    cols:     [L] uint8, the column of each value inside its tile (padding entries: value 0, column 0).
+    tile_ptr: [N, T + 1] int32, segment t of row n is ``row_ptr[n] + tile_ptr[n, t] ... + tile_ptr[n, t + 1]``
+              (T = ceil(K / tile); each segment's length is a multiple of 8).
+    row_ptr:  [N + 1] int64, start of each row's entries.
+    shape:    (N, K); tile: inputs per tile (<= 256).
+    """
+
+    values: torch.Tensor
+    cols: torch.Tensor
+    tile_ptr: torch.Tensor
+    row_ptr: torch.Tensor
+    shape: tuple[int, int]
+    tile: int = TILE
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.values, self.cols, self.tile_ptr, self.row_ptr))
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.shape[1] // self.tile)
+
+
+def pack_tiled(weight: torch.Tensor, mask: torch.Tensor | None = None, tile: int = TILE) -> PackedTiled:
+    """Pack ``weight * mask`` (mask None: the nonzeros of weight) into the tiled format, values as bf16."""
+    _check_weight(weight)
+    if not 8 <= tile <= 256:
+        raise ValueError(f"tile must be in [8, 256] (a one-byte column), got {tile}")
+    n, k = weight.shape
+    keep = _check_mask(mask, weight)
+    t_count = -(-k // tile)
+    kp = t_count * tile
+    keep_p = F.pad(keep, (0, kp - k)) if kp != k else keep
+    counts = keep_p.reshape(n, t_count, tile).sum(-1)  # [N, T]
+    seg_len = (counts + _SEG - 1) // _SEG * _SEG
+    seg_flat = seg_len.reshape(-1)
+    seg_start = seg_flat.cumsum(0) - seg_flat  # [N*T] global start of each segment
+    total = int(seg_flat.sum())
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
+    row_ptr[1:] = seg_len.sum(1).cumsum(0)
+    tile_ptr = torch.zeros(n, t_count + 1, dtype=torch.int64, device=weight.device)
+    tile_ptr[:, 1:] = seg_len.cumsum(1)
+    flat = keep_p.reshape(-1).nonzero().squeeze(1)  # kept positions in [N, T*tile] order
+    seg = flat // tile
+    cnt_flat = counts.reshape(-1)
+    first = cnt_flat.cumsum(0) - cnt_flat  # index in `flat` of each segment's first entry
+    pos = seg_start[seg] + (torch.arange(flat.numel(), device=flat.device) - first[seg])
+    values = torch.zeros(total, dtype=torch.bfloat16, device=weight.device)
+    cols = torch.zeros(total, dtype=torch.uint8, device=weight.device)
+    w_p = F.pad(weight.detach(), (0, kp - k)) if kp != k else weight.detach()
+    values[pos] = w_p.reshape(-1)[flat].to(torch.bfloat16)
+    cols[pos] = (flat % tile).to(torch.uint8)
+    return PackedTiled(values, cols, tile_ptr.to(torch.int32).contiguous(), row_ptr, (n, k), tile)
+
+
+def unpack_tiled(packed: PackedTiled) -> torch.Tensor:
+    """Dense [N, K] bf16 weight with zeros at the dropped positions."""
+    n, k = packed.shape
+    t_count, tile = packed.n_tiles, packed.tile
+    seg_len = (packed.tile_ptr[:, 1:] - packed.tile_ptr[:, :-1]).reshape(-1).to(torch.int64)
+    seg = torch.repeat_interleave(torch.arange(n * t_count, device=seg_len.device), seg_len)
+    row, t = seg // t_count, seg % t_count
+    col = t * tile + packed.cols.to(torch.int64)
+    dense = torch.zeros(n, t_count * tile, dtype=torch.float32, device=packed.values.device)
+    # padding entries add 0 at column 0 of their tile: accumulate keeps the real value there
+    dense.index_put_((row, col), packed.values.float(), accumulate=True)
+    return dense[:, :k].to(torch.bfloat16)
+
+
+def pack_24_bf16(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
+    """``formats.pack_24`` with the values rounded to bf16 first (the CPU 2:4 kernel's format)."""
+    _check_weight(weight)
+    return pack_24(weight.detach().to(torch.bfloat16), mask)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 F.linear of x against the widened bf16 weight; result in x's dtype."""
+    y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _check_x(x: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None) -> None:
+    n, k = shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., {k}] for a weight of shape {shape}, got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def linear_dense_bf16_reference(x: torch.Tensor, packed: PackedDense, bias: torch.Tensor | None = None):
+    """y = x @ W.T + bias, W the bf16 weight widened to fp32. x: [..., K] -> [..., N] (dtype of x)."""
+    _check_x(x, packed.shape, bias)
+    return _linear(x, packed.values, bias)
+
+
+def linear_tiled_reference(x: torch.Tensor, packed: PackedTiled, bias: torch.Tensor | None = None):
+    _check_x(x, packed.shape, bias)
+    return _linear(x, unpack_tiled(packed), bias)
+
+
+def linear_24_bf16_reference(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None):
+    _check_x(x, packed.shape, bias)
+    return _linear(x, unpack_24(packed), bias)

@@ -1,7 +1,8 @@
 """The engine's public contract: what the server (and any other caller) sees.
 
 The serving engine (`sparsedial.engine.AsyncEngine`) implements `EngineProtocol`; the server depends only
-on this module, so it can be tested against a fake engine and the real one alike.
+on this module (and on engine/tiers.py for the resolved `TierSpec`). The server's tests run on the real
+engine; failures are injected by patching one method of it (tests/server/reference.py).
 """
 
 from __future__ import annotations

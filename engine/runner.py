@@ -331,10 +331,13 @@ class EngineCore:
             self.policy = new
 
     def stats(self) -> EngineStats:
+        """Counts now, and the tier an auto request admitted now would get: the policy is evaluated at the
+        current load (as a step would), so an idle engine does not report the tier of its last busy step."""
         with self.lock:
             s = self.scheduler
+            tier = self.policy.update(self.load())
             return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_slots_used=s.slots.used,
-                               kv_slots_total=s.slots.total, current_auto_tier=self.policy.tier.name)
+                               kv_slots_total=s.slots.total, current_auto_tier=tier.name)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
                  tiers: object | list[object] = None) -> list[Generation]:

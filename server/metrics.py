@@ -26,6 +26,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str = "") -> None:
         self.model_name = model_name  # set once the engine is loaded (ServerState.attach)
+        self._tiers: dict[str, None] = {}  # tiers labelled on the tier gauges so far, in order
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sparsedial_requests", "Finished requests by endpoint, tier and finish reason.",
                                 ["model_name", "endpoint", "tier", "finish_reason"], registry=r)
@@ -73,7 +74,10 @@ class ServerMetrics:
         self.waiting.labels(m).set(s.waiting)
         self.kv_usage.labels(m).set(s.kv_slots_used / s.kv_slots_total if s.kv_slots_total else 0.0)
         default = engine.get_policy().default_tier
-        for tier in engine.tiers:
+        # every tier ever labelled: a default or auto tier the checkpoint does not list (e.g. 45%) gets its
+        # series, and is set back to 0 once it no longer is
+        self._tiers.update(dict.fromkeys([*engine.tiers, default, s.current_auto_tier]))
+        for tier in self._tiers:
             self.default_tier.labels(m, tier).set(1.0 if tier == default else 0.0)
             self.auto_tier.labels(m, tier).set(1.0 if tier == s.current_auto_tier else 0.0)
 

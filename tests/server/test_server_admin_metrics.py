@@ -180,11 +180,6 @@ def test_kv_load_policy_moves_to_the_sparser_tier_and_back_with_hysteresis(serve
                     (0, "dense", None)]  # 0 < 0.2: back to the default tier
 
 
-@pytest.mark.xfail(strict=True, reason="current_auto_tier (GET /admin/tier, /status, /metrics) is the policy level of "
-                                       "the engine's last step: once the engine is idle it keeps the tier of the "
-                                       "last load (here 50% at KV use 0.75) although the next auto request gets "
-                                       "dense (KV use 0 < 0.5 - 0.3); engine/runner.py evaluates the policy "
-                                       "only in schedule(), and stats() reports policy.tier")
 def test_kv_load_policy_reports_the_default_tier_once_idle(server, engine):
     policy = {"mode": "load", "signal": "kv", "ladder": [{"threshold": 0.5, "tier": "50%"}], "hysteresis": 0.3}
 

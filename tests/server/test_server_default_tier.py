@@ -45,9 +45,6 @@ def test_default_tier_serves_auto_and_absent_sparsity(serve, engine):
     assert httpx.get(f"{srv.url}/status").json()["default_tier"] == "45%"
 
 
-@pytest.mark.xfail(strict=True, reason="server/metrics.py refresh() sets sparsedial_default_tier / sparsedial_auto_tier "
-                                       "only for the tiers elastic.json lists (engine.tiers): a default or auto "
-                                       "tier such as 45% has no series at 1")
 def test_default_tier_gauge_names_an_in_between_default(serve):
     srv = serve(default_tier="45%")
     text = httpx.get(f"{srv.url}/metrics").text

@@ -18,6 +18,7 @@ dense ``F.linear`` and the per-tier bitmap kernel; on a CPU the torch references
 
 Writes <out>/bench_kernels_<gpu|cpu>.csv and .md.  Usage:
     python benchmarks/bench_kernels.py [--quick] [--paths] [--out docs] [--formats classic|nested|all]
+    python benchmarks/bench_kernels.py --sass [sass_report.py options]   (SASS of every config, no GPU needed)
 """
 
 from __future__ import annotations
@@ -443,6 +444,12 @@ def summary(rows: list[Row]) -> str:
 
 
 def main() -> None:
+    if "--sass" in sys.argv:  # compile-only report (benchmarks/sass_report.py): runs on a CPU
+        import runpy
+
+        sys.argv = [str(Path(__file__).with_name("sass_report.py"))] + [a for a in sys.argv[1:] if a != "--sass"]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, M in {1, 8, 32}")
     parser.add_argument("--paths", action="store_true", help="also time the gemv and dot kernels separately")

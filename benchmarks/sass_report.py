@@ -1,0 +1,256 @@
+"""What do our Triton GPU kernels compile to? SASS of every kernel config, measured on a CPU (no GPU needed).
+
+``triton.compile`` runs for a CUDA target (sm_90 / sm_80) without a device: it lowers to PTX, runs Triton's
+bundled ``ptxas`` and returns the cubin; the ``nvdisasm`` and ``cuobjdump`` that ship with Triton
+(``triton/backends/nvidia/bin``) disassemble it and report its resources. Per kernel, config and row
+bucket (M = 1 and M = 8; decode kernels) this reports, from the SASS:
+
+* the main loop: the largest innermost loop (a backward branch), its instructions per thread per step,
+  and those times the threads of a program over the dense weights (or stored values) one step covers;
+* FMAs (FFMA / HFMA2 / tensor-core ops), global loads, barriers (BAR), and async copies (LDGSTS =
+  ``cp.async``, UTMALDG / UBLKCP = TMA) inside that loop;
+* registers and local memory (spills) per thread (``cuobjdump -res-usage``), the programs that fit on one
+  SM at that register / shared-memory use, and for every shape of ``bench_kernels.py`` the programs per
+  SM (grid size / 132 SMs of an H100 SXM) the launcher would start.
+
+Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,nested] [--write LABEL]
+(``bench_kernels.py --sass`` runs it.) ``--write before|after`` stores the table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for a real target, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated to silence its warning
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOCS, write_section  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SMS = 132  # H100 SXM
+SHAPES = {  # as bench_kernels.SHAPES: name -> (N, K)
+    "4096x4096": (4096, 4096),
+    "11008x4096": (11008, 4096),
+    "4096x11008": (4096, 11008),
+    "14336x4096": (14336, 4096),
+    "4096x14336": (4096, 14336),
+    "1024x4096": (1024, 4096),
+}
+SM_LIMITS = {90: {"regs": 65536, "warps": 64, "blocks": 32, "smem": 227 * 1024},
+             80: {"regs": 65536, "warps": 64, "blocks": 32, "smem": 163 * 1024}}
+FMA_OPS = ("FFMA", "HFMA2", "HMMA", "HGMMA", "FMUL", "FADD")
+ASYNC_OPS = ("LDGSTS", "UTMALDG", "UBLKCP", "UTMAPF")
+
+
+@dataclass
+class Job:
+    """One compile: a kernel with its constexprs, and how to turn its loop into per-weight numbers."""
+
+    kernel: str  # label in the table
+    fn: object
+    types: dict[str, str]  # non-constexpr argument types (ints default to i32)
+    const: dict[str, object]
+    num_warps: int
+    num_stages: int
+    m: int
+    per_step: int  # dense weights (or stored values, for `unit`) one loop iteration covers
+    unit: str  # "dense weight" or "stored value"
+    grid: object  # (n, k, m) -> programs launched
+    stored_frac: float | None = None  # stored values per dense weight (for the per-stored column)
+    label: str = ""
+    result: dict = field(default_factory=dict)
+
+
+def compile_job(job: Job, arch: int) -> dict:
+    fn = job.fn
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in job.const:
+            sig[a] = "constexpr"
+            continue
+        sig[a] = job.types.get(a, "i32")
+        if sig[a].startswith("*") or a in ("N", "K", "stride_xm", "stride_ym"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT specializes for our aligned shapes
+    src = ASTSource(fn, sig, job.const, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+        res = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    smem = int(re.search(r"SHARED:(\d+)", res).group(1))
+    loop = main_loop(sass)
+    ptx_async = compiled.asm["ptx"].count("cp.async")
+    return {"regs": regs, "local": local, "smem": smem, "ptx_cp_async": ptx_async, **loop}
+
+
+def main_loop(sass: str) -> dict:
+    """Largest innermost loop of a disassembly: its instruction counts by kind."""
+    labels, instrs = {}, []  # label -> index of the next instruction; [(opcode, text)]
+    for line in sass.splitlines():
+        lab = re.match(r"\s*(\.L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(instrs)
+            continue
+        ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if ins:
+            text = re.sub(r"^@!?U?P\w+\s+", "", ins.group(1).strip())
+            instrs.append((text.split()[0], text))
+    loops = []
+    for i, (op, text) in enumerate(instrs):
+        tgt = re.search(r"`\((\.L_x_\d+)\)", text)
+        if op.startswith("BRA") and tgt and labels.get(tgt.group(1), i + 1) < i:
+            start = labels[tgt.group(1)]
+            if i - start >= 4:  # the trailing `BRA self` after EXIT is not a loop
+                loops.append((start, i))
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    if not inner:
+        return {"loop": 0, "fma": 0, "ldg": 0, "bar": 0, "async": 0, "shfl": 0, "lds_sts": 0, "loops": 0}
+    start, end = max(inner, key=lambda lp: lp[1] - lp[0])
+    body = [op for op, _ in instrs[start:end + 1]]
+
+    def count(*prefixes: str) -> int:
+        return sum(1 for op in body if op.split(".")[0] in prefixes)
+
+    return {"loop": len(body), "fma": count(*FMA_OPS), "ldg": count("LDG"), "bar": count("BAR"),
+            "async": count(*ASYNC_OPS), "shfl": count("SHFL"), "lds_sts": count("LDS", "STS"), "loops": len(loops)}
+
+
+def resident(regs: int, smem: int, warps: int, arch: int) -> int:
+    """Programs of one kernel that fit on one SM (register file, warp slots, shared memory)."""
+    lim = SM_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (regs_per_warp * warps)
+    by_smem = lim["smem"] // smem if smem else lim["blocks"]
+    return max(0, min(by_regs, lim["warps"] // warps, lim["blocks"], by_smem))
+
+
+def jobs(only: set[str]) -> list[Job]:
+    """Every autotune config of the decode kernels, at M = 1 and M = 8 (imports the current kernels)."""
+    from sparsedial.kernels import _launch
+
+    out: list[Job] = []
+    spec = getattr(_launch, "sass_specs", None)
+    if spec is not None:  # kernels that describe their own configs (kernels/_launch.py)
+        return [Job(**s) for s in spec(only)]
+    out += legacy_jobs(only)
+    return out
+
+
+def legacy_jobs(only: set[str]) -> list[Job]:
+    """The kernels before issue 14 (grid = (cdiv(N, BLOCK_N), cdiv(M, 8))): no per-kernel spec in _launch."""
+    out = []
+    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16"}
+    for m in (1, 8):
+        if "24" in only:
+            from sparsedial.kernels import triton_24 as t
+
+            for bn, bk, w in t.GEMV_SHAPES:
+                out.append(Job("2:4 gemv", t._gemv_24_kernel, {**h, "meta_ptr": "*i32"},
+                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, w, 2, m, bn * bk,
+                               "dense weight", lambda n, k, m, bn=bn: -(-n // bn), 0.5, f"BN{bn} BK{bk} w{w}"))
+        if "bitmap" in only:
+            from sparsedial.kernels import triton_bitmap as t
+
+            for bn, bk, w in t.GEMV_SHAPES:
+                out.append(Job("bitmap gemv", t._gemv_bitmap_kernel,
+                               {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
+                               {"HAS_BIAS": False, "HW_POPC": True, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk},
+                               w, 2, m, bn * bk, "dense weight", lambda n, k, m, bn=bn: -(-n // bn), 0.5,
+                               f"BN{bn} BK{bk} w{w}"))
+        if "nested" in only:
+            out += nested_jobs(m)
+    return out
+
+
+def nested_jobs(m: int) -> list[Job]:
+    from sparsedial.kernels import triton_nested as t
+
+    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "row_ptr": "*i64",
+         "tile_off_ptr": "*i16"}
+    out = []
+    for bn, bj, w in t.COLS_SHAPES:
+        out.append(Job("nested cols gemv", t._gemv_cols_kernel, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
+                       {"HAS_BIAS": False, "TILE": 128, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj}, w, 2, m,
+                       bn * bj, "stored value", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} BJ{bj} w{w}"))
+    for bn, w in t.LEVELS_SHAPES:
+        out.append(Job("nested levels gemv", t._gemv_levels_kernel, {**h, "planes_ptr": "*i32"},
+                       {"HAS_BIAS": False, "TILE": 128, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn}, w, 2, m,
+                       bn * 128, "dense weight", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} w{w}"))
+    return out
+
+
+def table(rows: list[tuple[Job, int, dict]]) -> str:
+    head = ("| kernel | config | M | arch | regs (spill B) | fit/SM | loop SASS/thread | per dense weight | "
+            "per stored value | FMA | LDG | BAR | async | " + " | ".join(f"prog/SM {s}" for s in SHAPES) + " |")
+    lines = [head, "|" + "---|" * (13 + len(SHAPES))]
+    for job, arch, r in rows:
+        if "error" in r:
+            lines.append(f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | compile error: {r['error'][:80]} |")
+            continue
+        threads = 32 * job.num_warps
+        per = r["loop"] * threads / job.per_step
+        if job.unit == "dense weight":
+            dense, stored = per, (per / job.stored_frac if job.stored_frac else None)
+        else:
+            dense, stored = None, per
+        progs = " | ".join(f"{job.grid(n, k, job.m) / SMS:.1f}" for n, k in SHAPES.values()) if arch == 90 else \
+            " | ".join("" for _ in SHAPES)
+        spill = f" ({r['local']})" if r["local"] else ""
+        lines.append(
+            f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | {r['regs']}{spill} | "
+            f"{resident(r['regs'], r['smem'], job.num_warps, arch)} | {r['loop']} | "
+            f"{'' if dense is None else f'{dense:.2f}'} | {'' if stored is None else f'{stored:.2f}'} | "
+            f"{r['fma']} | {r['ldg']} | {r['bar']} | {r['async']} | {progs} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--only", default="24,bitmap,nested", help="comma list of 24, bitmap, nested")
+    parser.add_argument("--write", default=None, help="store the table in docs/benchmarks.md under this label")
+    args = parser.parse_args()
+    rows = []
+    for job in jobs(set(args.only.split(","))):
+        for arch in args.arch:
+            try:
+                r = compile_job(job, arch)
+            except Exception as exc:  # noqa: BLE001 -- a config that does not compile is a row, not a crash
+                r = {"error": f"{type(exc).__name__}: {exc}".replace("\n", " ")}
+            rows.append((job, arch, r))
+            print(table([(job, arch, r)]).splitlines()[-1], flush=True)
+    tools = (f"triton {triton.__version__} (`triton.compile`, target cuda sm_{'/sm_'.join(map(str, args.arch))}), "
+             f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`")
+    body = table(rows)
+    print(f"\n{tools}\n\n{body}")
+    if args.write:
+        write_section(DOCS / "benchmarks.md", f"sass-{args.write}", f"{tools}\n\n{body}", "Benchmarks")
+        print(f"wrote the sass-{args.write} block of {DOCS / 'benchmarks.md'}")
+
+
+def ptxas_version() -> str:
+    out = subprocess.run([str(BIN / "ptxas"), "--version"], capture_output=True, text=True, check=False).stdout
+    rel = re.search(r"release ([\d.]+)", out)
+    return f"ptxas {rel.group(1)}" if rel else "ptxas"
+
+
+if __name__ == "__main__":
+    main()

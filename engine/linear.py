@@ -12,11 +12,20 @@ Backends of a materialized tier (`TierWeights`):
   low-rank path `x A^T B^T` (unmasked mode), run with `F.linear`. A dense tier without LoRA shares `W`.
 - `triton`: the same weights packed (`pack_24` for the 2:4 tier, `pack_bitmap` otherwise) and run with
   `sparsedial.kernels.sparse_linear` (Triton on CUDA; its torch reference elsewhere).
+- `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default, or
+  `use_cpu_kernels(True)` around `ElasticModel.load`, which alone keeps the fp32 path above): each tier is stored
+  only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
+  unstructured tiers >= TILED_MIN_SPARSITY as `PackedTiled`, 2:4 as bf16 `Packed24`, lower sparsities as
+  a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
+  MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,19 +39,25 @@ from .tiers import TierKind, TierPlan, TierSpec
 
 @dataclass
 class TierWeights:
-    """One materialized tier of one linear. Exactly one of `weight` / `packed` is set."""
+    """One materialized tier of one linear: `weight` and/or `packed` / `cpu` (a CPU dense tier holds both)."""
 
     weight: torch.Tensor | None = None  # [out, in], F.linear
     packed: object | None = None  # kernels.Packed24 | kernels.PackedBitmap
     csr: torch.Tensor | None = None  # CSR copy of `weight` (CPU, >= 80% sparse), used for >= csr_min_rows rows
     csr_min_rows: int = 0
+    cpu: object | None = None  # kernels.PackedDense | PackedTiled | Packed24 (bf16): the CPU kernel's weight
+    cpu_max_rows: int | None = None  # use `cpu` up to this many rows (None: always), `weight` above
     lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
     lora_b: torch.Tensor | None = None  # [out, r]  scale folded in
     nbytes: int = 0  # bytes owned by this tier (0 when it shares the base weight)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        if self.packed is not None:
+        if self.cpu is not None and (self.cpu_max_rows is None or x.numel() <= self.cpu_max_rows * x.shape[-1]):
+            from sparsedial.kernels.cpu_dispatch import cpu_linear
+
+            y = cpu_linear(x, self.cpu, bias)
+        elif self.packed is not None:
             from sparsedial.kernels import sparse_linear
 
             y = sparse_linear(x, self.packed, bias)
@@ -90,6 +105,50 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
     tw.nbytes += sum(_nbytes(t) for t in (tw.csr.crow_indices(), tw.csr.col_indices(), tw.csr.values()))
 
 
+# ------------------------------------------------------------------------------- CPU packed tiers
+# (issue 12) Chosen from benchmarks/bench_cpu_decode.py (docs/benchmarks.md, "CPU kernels"): on the machines
+# measured the bf16 dense kernel beats fp32 MKL from 1 to 32 rows and MKL wins at prefill sizes; the tiled
+# kernel beats the bf16 dense kernel from about 60% sparsity at one row (below, its gathers cost more than
+# the bytes they save, so lower tiers are a masked bf16 dense weight).
+DENSE_BF16_MAX_ROWS = 32
+TILED_MIN_SPARSITY = 0.6
+
+_cpu_kernels_lock = threading.Lock()
+_cpu_kernels_default = False  # ElasticModel.load alone: the fp32 path; EngineConfig.load_model sets its field
+
+
+@contextmanager
+def use_cpu_kernels(enabled: bool) -> Iterator[None]:
+    """Linears created inside this block (a model load) serve their CPU tiers through the packed kernels
+    (`enabled`) or the fp32 path, for every tier they build later too (`ElasticLinear.cpu_kernels`)."""
+    global _cpu_kernels_default
+    with _cpu_kernels_lock:
+        before, _cpu_kernels_default = _cpu_kernels_default, bool(enabled)
+        try:
+            yield
+        finally:
+            _cpu_kernels_default = before
+
+
+def _cpu_kernels_apply(lin: ElasticLinear, backend: Backend) -> bool:
+    w = lin.weight
+    return bool(lin.cpu_kernels) and backend == Backend.TORCH and w.device.type == "cpu" and w.dtype == torch.float32
+
+
+def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:
+    """The packed CPU format of a tier's merged weight `w` [out, in] (zeros where `mask` drops)."""
+    from sparsedial.kernels.cpu_formats import pack_24_bf16, pack_dense_bf16, pack_tiled
+
+    w = w.contiguous()
+    if mask is None:
+        return pack_dense_bf16(w)
+    if tier.kind is TierKind.NM and w.shape[1] % 4 == 0:
+        return pack_24_bf16(w, mask)
+    if tier.sparsity >= TILED_MIN_SPARSITY - 1e-9 or tier.kind is TierKind.NM:
+        return pack_tiled(w, mask)
+    return pack_dense_bf16(w)  # already masked: zeros stored
+
+
 def serving_layout(w: torch.Tensor) -> torch.Tensor:
     """`w` [out, in] as served: on a CPU in fp32, the same values stored column-major (a transposed view of a
     contiguous [in, out] tensor, no extra memory); elsewhere unchanged. MKL's sgemm computes `x @ W.T`
@@ -117,6 +176,7 @@ class ElasticLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.maps: LinearMaps | None = None  # None: a plain linear (every tier is the base weight)
         self.tiers: dict[str, TierWeights] = {}
+        self.cpu_kernels = _cpu_kernels_default  # packed CPU kernels for its tiers (use_cpu_kernels at load)
 
     def forward(self, x: torch.Tensor, plan: TierPlan | None = None) -> torch.Tensor:
         """x: [B, ...] -> [B, ..., out]; `plan`: the tier of each run of rows (None: the base weight)."""
@@ -145,20 +205,24 @@ class ElasticLinear(nn.Module):
         """This linear's weights for `tier` on `backend`, not stored: it only reads the base weight and the
         maps, so another thread may build a tier while forwards run (engine/tier_builder.py)."""
         maps = self.maps
+        cpu = _cpu_kernels_apply(self, backend)
         if maps is None or tier.kind is TierKind.DENSE and not tier.lora_groups:
+            if cpu and maps is not None:  # the base weight for prefill, a bf16 copy for decode
+                packed = _cpu_pack(self.weight, None, tier)
+                return TierWeights(weight=self.weight, cpu=packed, cpu_max_rows=DENSE_BF16_MAX_ROWS,
+                                   nbytes=packed.nbytes)
             return TierWeights(weight=self.weight)  # shares the base weight: no memory
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
+        if cpu:
+            tw = TierWeights(cpu=_cpu_pack(w, tier_mask(spec, tier, maps.tensors, maps.name, maps.layer), tier))
+            tw.nbytes = tw.cpu.nbytes  # type: ignore[attr-defined]
+            del w
+            self._attach_lora(spec, tier, tw)
+            return tw
         if backend == Backend.TORCH:
             w = serving_layout(w)  # merges from a relaid base come out column-major already; a guard
         tw = TierWeights(weight=w, nbytes=_nbytes(w))
-        if spec.lora_mode == "unmasked":
-            groups = active_lora_groups(spec, tier, maps.tensors, maps.name, maps.layer)
-            if groups:
-                dt = self.weight.dtype
-                tw.lora_a = torch.cat([maps.tensors[f"{maps.name}.lora.{g}.A"] for g in groups]).to(dt)
-                tw.lora_b = (torch.cat([maps.tensors[f"{maps.name}.lora.{g}.B"] for g in groups], dim=1)
-                             .float() * spec.lora_scale).to(dt)
-                tw.nbytes += _nbytes(tw.lora_a) + _nbytes(tw.lora_b)
+        self._attach_lora(spec, tier, tw)
         if backend == Backend.TORCH:
             _attach_csr(tw, tier)
         if backend == Backend.TRITON:
@@ -170,6 +234,19 @@ class ElasticLinear(nn.Module):
                 tw.weight, tw.packed = None, packed
                 tw.nbytes += packed.nbytes - _nbytes(w)
         return tw
+
+    def _attach_lora(self, spec: ElasticSpec, tier: TierSpec, tw: TierWeights) -> None:
+        """Unmasked LoRA mode: the tier's low-rank path beside its sparse base."""
+        maps = self.maps
+        if spec.lora_mode != "unmasked" or maps is None:
+            return
+        groups = active_lora_groups(spec, tier, maps.tensors, maps.name, maps.layer)
+        if groups:
+            dt = self.weight.dtype
+            tw.lora_a = torch.cat([maps.tensors[f"{maps.name}.lora.{g}.A"] for g in groups]).to(dt)
+            tw.lora_b = (torch.cat([maps.tensors[f"{maps.name}.lora.{g}.B"] for g in groups], dim=1)
+                         .float() * spec.lora_scale).to(dt)
+            tw.nbytes += _nbytes(tw.lora_a) + _nbytes(tw.lora_b)
 
     def drop_tier(self, name: str) -> None:
         self.tiers.pop(name, None)

@@ -123,6 +123,11 @@ class EngineConfig:
         "torch intra-op threads of the model thread on CPU (None: leave torch's setting). 1 by default: on "
         "the 2-core machines measured, OpenMP teams started from a non-main thread made small matmuls 2-3x "
         "slower (docs/benchmarks.md, 'Engine thread')."))
+    cpu_kernels: bool = field(default=True, metadata=_doc(
+        "On CPU with the torch backend in float32, serve every tier from its packed bf16 format through the C++ "
+        "kernels (kernels/cpu_*.py; a sparse tier then holds only its packed bytes, the dense tier adds a bf16 "
+        "copy for decode); False keeps the fp32 path (a dense fp32 copy per sparse tier). Where the kernels "
+        "cannot build the packed tiers run their torch reference (one log line)."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -154,11 +159,13 @@ class EngineConfig:
     def load_model(self) -> ElasticModel:
         """Load the model these settings name (the resident tiers materialized)."""
         from .elastic import ElasticModel
+        from .linear import use_cpu_kernels
 
         budget = None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
-        return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(), backend=self.backend,
-                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers,
-                                 allow_external_base=self.allow_external_base)
+        with use_cpu_kernels(self.cpu_kernels):
+            return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(),
+                                     backend=self.backend, resident=self.resident_tiers, memory_budget=budget,
+                                     cache_tiers=self.cache_tiers, allow_external_base=self.allow_external_base)
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -153,8 +153,10 @@ inline void tiled_mq(const TiledArgs& a, int64_t n, int64_t c) {
     const float* xb = a.xt + t * a.tile * Mp + c;
     const int64_t e = rs + tp[t + 1];
     for (int64_t j = rs + tp[t]; j < e; j += 8) {  // segments are padded to 8
+      alignas(32) float vb[8];  // 8 widened values, broadcast from L1 one by one
+      _mm256_store_ps(vb, ld8_bf16(a.vals + j));
       for (int u = 0; u < 8; ++u) {
-        const __m256 b = _mm256_set1_ps(bf2f(a.vals[j + u]));
+        const __m256 b = _mm256_broadcast_ss(vb + u);
         const float* xp = xb + static_cast<int64_t>(a.cols[j + u]) * Mp;
         for (int q = 0; q < Q; ++q) acc[u % S][q] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xp + 8 * q), acc[u % S][q]);
       }
@@ -264,7 +266,7 @@ void tiled(const sdcpu::TiledArgs& a, int64_t n0, int64_t n1) {
 }
 
 void nm24(const sdcpu::NM24Args& a, int64_t n0, int64_t n1) {
-  constexpr int MB = 4;
+  constexpr int MB = SDCPU_W == 16 ? 6 : 4;  // rows of x per pass (2 accumulators each)
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m0 = 0; m0 < a.M; m0 += MB) {
       const int64_t left = a.M - m0;

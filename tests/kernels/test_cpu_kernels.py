@@ -1,0 +1,162 @@
+"""The C++ CPU kernels (kernels/cpu/) against their torch references, on both ISA paths the machine has.
+
+The first test to call a kernel compiles the extension into the user cache (about a minute on a 2-core
+machine, once per clean cache); later runs load the cached build.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from sparsedial.engine.elastic import ElasticModel
+from sparsedial.engine.linear import ElasticLinear, use_cpu_kernels
+from sparsedial.kernels import _cpu_ext
+from sparsedial.kernels.cpu_dispatch import cpu_linear
+from sparsedial.kernels.cpu_formats import (
+    PackedDense,
+    PackedTiled,
+    linear_24_bf16_reference,
+    linear_dense_bf16_reference,
+    linear_tiled_reference,
+    pack_24_bf16,
+    pack_dense_bf16,
+    pack_tiled,
+    unpack_dense,
+    unpack_tiled,
+)
+from sparsedial.kernels.formats import Packed24, unpack_24
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
+ISAS = _cpu_ext.supported_isas()
+# (M, N, K): one row, odd rows, up to 32 and beyond (a second 32-row pass), K and N off every tile size
+SHAPES = [(1, 37, 100), (3, 64, 260), (8, 50, 300), (17, 33, 516), (32, 96, 1024), (5, 7, 12), (1, 256, 384),
+          (40, 24, 64)]
+
+
+def _mask24(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2]
+    return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, idx, True).reshape(n, k)
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, k: int) -> None:
+    # fp32 accumulation in another order: error ~ sqrt(K) ulps of the terms
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * k ** 0.5 * 4)
+
+
+@pytest.fixture(params=ISAS or ["none"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SPARSEDIAL_CPU_ISA", request.param)
+    return request.param
+
+
+def test_the_extension_builds_where_a_compiler_is():
+    if platform.machine() not in ("x86_64", "AMD64") or not ISAS or shutil.which("c++") is None:
+        pytest.skip("no x86-64 AVX2 CPU or no C++ compiler here")
+    assert _cpu_ext.extension() is not None, _cpu_ext._state.get("why")
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernels_equal_their_references(isa, m, n, k, with_bias):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    dense = pack_dense_bf16(w)
+    _close(cpu_linear(x, dense, bias), linear_dense_bf16_reference(x, dense, bias), k)
+    for s in (0.5, 0.7, 0.95):
+        tiled = pack_tiled(w, torch.rand(n, k, generator=g) >= s)
+        _close(cpu_linear(x, tiled, bias), linear_tiled_reference(x, tiled, bias), k)
+    if k % 4 == 0:
+        p24 = pack_24_bf16(w, _mask24(n, k, g))
+        _close(cpu_linear(x, p24, bias), linear_24_bf16_reference(x, p24, bias), k)
+
+
+def test_leading_dims_and_bf16_activations(isa):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(48, 200, generator=g), torch.randn(2, 3, 200, generator=g)
+    tiled = pack_tiled(w, torch.rand(48, 200, generator=g) >= 0.7)
+    y = cpu_linear(x, tiled)
+    assert y.shape == (2, 3, 48)
+    _close(y, linear_tiled_reference(x, tiled), 200)
+    yb = cpu_linear(x.bfloat16(), tiled)
+    assert yb.dtype == torch.bfloat16
+
+
+def test_pack_unpack_identity():
+    g = torch.Generator().manual_seed(2)
+    for n, k in ((7, 12), (33, 516), (64, 256), (5, 1000)):
+        w = torch.randn(n, k, generator=g)
+        mask = torch.rand(n, k, generator=g) >= 0.6
+        mask[0] = True  # a full row: every segment full
+        mask[-1] = False  # an empty row
+        tiled = pack_tiled(w, mask)
+        assert torch.equal(unpack_tiled(tiled), (w * mask).bfloat16())
+        assert tiled.values.numel() % 8 == 0 and (tiled.tile_ptr.diff(dim=1) % 8 == 0).all()
+        assert torch.equal(unpack_dense(pack_dense_bf16(w)), w.bfloat16())
+        if k % 4 == 0:
+            m24 = _mask24(n, k, g)
+            assert torch.equal(unpack_24(pack_24_bf16(w, m24)), (w * m24).bfloat16())
+    # bytes: 70% tiled at K = 2048 is under a quarter of fp32 dense
+    w = torch.randn(256, 2048, generator=g)
+    tiled = pack_tiled(w, torch.rand(256, 2048, generator=g) >= 0.7)
+    assert tiled.nbytes < 0.25 * w.numel() * 4
+
+
+def test_every_tier_of_the_embedded_model(isa):
+    """Every tier's packed weights of a few linears of the embedded model, kernel vs reference."""
+    with use_cpu_kernels(True):
+        em = ElasticModel.load(SHIPPED, dtype="float32", resident=())
+    linears = [m for m in em.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None]
+    picked = [linears[0], linears[len(linears) // 2], linears[-1]]
+    g = torch.Generator().manual_seed(3)
+    kinds = set()
+    for name in em.tiers:
+        for lin in picked:
+            tw = lin.build(em.spec, em.tier_spec(name), em.backend)
+            assert tw.cpu is not None, name
+            kinds.add(type(tw.cpu))
+            ref = {PackedDense: linear_dense_bf16_reference, PackedTiled: linear_tiled_reference,
+                   Packed24: linear_24_bf16_reference}[type(tw.cpu)]
+            for m in (1, 5, 32):
+                x = torch.randn(m, lin.in_features, generator=g)
+                _close(cpu_linear(x, tw.cpu, lin.bias), ref(x, tw.cpu, lin.bias), lin.in_features)
+    assert kinds == {PackedDense, PackedTiled, Packed24}
+
+
+def test_forcing_an_isa_the_cpu_lacks_is_an_error(monkeypatch):
+    if "avx512" in ISAS:
+        pytest.skip("this CPU has every ISA path")
+    monkeypatch.setenv("SPARSEDIAL_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="lacks"):
+        _cpu_ext.isa()
+
+
+def test_a_failed_build_falls_back_to_the_reference_with_one_log_line(monkeypatch, caplog):
+    saved = dict(_cpu_ext._state)
+
+    def broken_build():
+        raise RuntimeError("Error building extension 'sparsedial_cpu_kernels': c++ not found")
+
+    monkeypatch.setattr(_cpu_ext, "_build", broken_build)
+    _cpu_ext.reset_for_tests()
+    try:
+        g = torch.Generator().manual_seed(4)
+        w, x = torch.randn(20, 64, generator=g), torch.randn(3, 64, generator=g)
+        tiled, dense = pack_tiled(w, torch.rand(20, 64, generator=g) >= 0.5), pack_dense_bf16(w)
+        p24 = pack_24_bf16(w, _mask24(20, 64, g))
+        with caplog.at_level(logging.WARNING, logger="sparsedial.kernels"):
+            assert torch.equal(cpu_linear(x, tiled), linear_tiled_reference(x, tiled))
+            assert torch.equal(cpu_linear(x, dense), linear_dense_bf16_reference(x, dense))
+            assert torch.equal(cpu_linear(x, p24), linear_24_bf16_reference(x, p24))
+        lines = [r for r in caplog.records if r.name == "sparsedial.kernels"]
+        assert len(lines) == 1 and "build failed" in lines[0].getMessage()
+        assert not _cpu_ext.available()
+    finally:
+        _cpu_ext.reset_for_tests()
+        _cpu_ext._state.update(saved)

@@ -193,7 +193,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
-    from sparsedial.engine.gguf_import import import_gguf
+    from sparsedial.gguf_import import import_gguf
 
     r = import_gguf(args.gguf, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
     for note in r.notes:

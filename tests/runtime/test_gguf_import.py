@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from sparsedial.engine import gguf_import
+from sparsedial import gguf_import
 from sparsedial.engine.loader import load_model
 
 from sparsedial.cli import main
@@ -239,7 +239,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, reference, add_
 @pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2", "tekken", "gpt-4o", "some-new-name"])
 def test_pretokenizer_names_match_transformers(tmp_path, pre):
     """The split regex each llama.cpp pre-tokenizer name selects (tokenizer metadata only, no model)."""
-    from sparsedial.engine.gguf_tokenizer import build_tokenizer
+    from sparsedial.gguf_tokenizer import build_tokenizer
     from transformers import AutoTokenizer
 
     path = tmp_path / "tok.gguf"

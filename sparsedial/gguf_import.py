@@ -1,7 +1,7 @@
 """Turn a llama.cpp GGUF file (Llama family) into a Hugging Face model directory the runtime loads.
 
 `import_gguf(file, out)` writes `config.json` (LlamaForCausalLM), `generation_config.json`, `tokenizer.json` +
-`tokenizer_config.json` (engine.gguf_tokenizer) and `model.safetensors` (sharded past `shard_bytes`, with an
+`tokenizer_config.json` (sparsedial.gguf_tokenizer) and `model.safetensors` (sharded past `shard_bytes`, with an
 index), all built from the file with the `gguf` package (gguf-py): metadata through `GGUFReader`, every tensor
 dequantized by `gguf.quants.dequantize` to float32, then cast to the dtype asked for.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from sparsedial.errors import ModelLoadError, SparsedialError, UnsupportedModelError
 
-from .gguf_tokenizer import build_tokenizer, check_tokenizer_kind, dumps
+from sparsedial.gguf_tokenizer import build_tokenizer, check_tokenizer_kind, dumps
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # The types every test covers, plus the other classic llama.cpp block formats gguf-py dequantizes.
@@ -172,7 +172,7 @@ def _rope_scaling(meta: dict, a: str, head_dim: int, rope_freqs: np.ndarray | No
 
 def _llama3_scaling(divisors: np.ndarray, theta: float, head_dim: int) -> dict:
     """Recover Llama 3.1's rope_scaling from llama.cpp's per-frequency divisors (rope_freqs.weight)."""
-    from .config import RopeConfig, rope_inv_freq
+    from sparsedial.engine.config import RopeConfig, rope_inv_freq
 
     divisors = divisors.astype(np.float64).reshape(-1)
     factor = float(divisors.max())

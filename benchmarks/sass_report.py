@@ -20,6 +20,7 @@ Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,nested]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -31,12 +32,12 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for a real target, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated to silence its warning
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS, write_section  # noqa: E402
+from _report import DOCS, write_section
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMS = 132  # H100 SXM
@@ -144,36 +145,51 @@ def resident(regs: int, smem: int, warps: int, arch: int) -> int:
 
 def jobs(only: set[str]) -> list[Job]:
     """Every autotune config of the decode kernels, at M = 1 and M = 8 (imports the current kernels)."""
-    from sparsedial.kernels import _launch
+    return legacy_jobs(only)
 
-    out: list[Job] = []
-    spec = getattr(_launch, "sass_specs", None)
-    if spec is not None:  # kernels that describe their own configs (kernels/_launch.py)
-        return [Job(**s) for s in spec(only)]
-    out += legacy_jobs(only)
-    return out
+
+def gemv_grid(fn: object, bm: int, bn: int, bk: int):
+    """Programs the launcher starts for (N, K, M): split-K kernels (a ws_ptr argument) split K as
+    ``_triton_util.split_k_grid`` does; the older ones launch (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))."""
+    if "ws_ptr" in fn.arg_names:
+        from sparsedial.kernels._triton_util import split_k_grid
+
+        return lambda n, k, m: math.prod(split_k_grid(n, m, k, bm, bn, bk))
+    return lambda n, k, m: -(-n // bn)
 
 
 def legacy_jobs(only: set[str]) -> list[Job]:
-    """The kernels before issue 14 (grid = (cdiv(N, BLOCK_N), cdiv(M, 8))): no per-kernel spec in _launch."""
+    """Every autotune config of the gemv kernels of kernels/triton_24.py, triton_bitmap.py, triton_nested.py."""
     out = []
-    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16"}
+    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32",
+         "lock_ptr": "*i32"}
     for m in (1, 8):
         if "24" in only:
             from sparsedial.kernels import triton_24 as t
 
-            for bn, bk, w in t.GEMV_SHAPES:
-                out.append(Job("2:4 gemv", t._gemv_24_kernel, {**h, "meta_ptr": "*i32"},
+            fn, shapes, name = t._gemv_24_kernel, t.GEMV_SHAPES, "2:4 gemv"
+            if hasattr(t, "_gemv_24_expand_kernel"):  # issue 14: gather x at M = 1, expand W at M = 2..8
+                name = "2:4 gemv gather" if m == 1 else "2:4 gemv expand"
+                if m > 1:
+                    fn, shapes = t._gemv_24_expand_kernel, t.EXPAND_SHAPES
+            for bn, bk, w, *_ in shapes:
+                out.append(Job(name, fn, {**h, "meta_ptr": "*i32"},
                                {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, w, 2, m, bn * bk,
-                               "dense weight", lambda n, k, m, bn=bn: -(-n // bn), 0.5, f"BN{bn} BK{bk} w{w}"))
+                               "dense weight", gemv_grid(fn, m, bn, bk), 0.5, f"BN{bn} BK{bk} w{w}"))
         if "bitmap" in only:
             from sparsedial.kernels import triton_bitmap as t
 
-            for bn, bk, w in t.GEMV_SHAPES:
-                out.append(Job("bitmap gemv", t._gemv_bitmap_kernel,
+            fn, shapes, name = t._gemv_bitmap_kernel, t.GEMV_SHAPES, "bitmap gemv"
+            if hasattr(t, "_gemv_bitmap_popc_kernel"):  # issue 14: running count at M = 1, popcount at 2..8
+                name = "bitmap gemv count" if m == 1 else "bitmap gemv popc"
+                if m > 1:
+                    fn, shapes = t._gemv_bitmap_popc_kernel, t.POPC_SHAPES
+            for bn, bk, w, *_ in shapes:
+                out.append(Job(name, fn,
                                {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
-                               {"HAS_BIAS": False, "HW_POPC": True, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk},
-                               w, 2, m, bn * bk, "dense weight", lambda n, k, m, bn=bn: -(-n // bn), 0.5,
+                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk,
+                                **({"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True})},
+                               w, 2, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
                                f"BN{bn} BK{bk} w{w}"))
         if "nested" in only:
             out += nested_jobs(m)
@@ -236,7 +252,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 -- a config that does not compile is a row, not a crash
                 r = {"error": f"{type(exc).__name__}: {exc}".replace("\n", " ")}
             rows.append((job, arch, r))
-            print(table([(job, arch, r)]).splitlines()[-1], flush=True)
+            print(table([(job, arch, r)]).splitlines()[-1], file=sys.stderr, flush=True)
     tools = (f"triton {triton.__version__} (`triton.compile`, target cuda sm_{'/sm_'.join(map(str, args.arch))}), "
              f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`")
     body = table(rows)

@@ -24,6 +24,7 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int | None = None  # gemv only: K splits (None = choose_split_k's)
 
 
 def interpreter_enabled() -> bool:
@@ -54,3 +55,42 @@ def check_triton_device(x: torch.Tensor) -> None:
         raise ValueError(
             f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); x is on {x.device}"
         )
+
+
+# Split-K: below this many programs per SM (H100: 132 SMs) a GEMV splits K, so small-N layers still keep
+# every SM busy with several programs (latency hiding comes from programs in flight, not from the grid).
+NUM_SMS = 132
+SPLIT_K_TARGET_PROGRAMS = 4 * NUM_SMS
+SPLIT_K_MAX = 16
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def choose_split_k(tiles: int, k: int, block_k: int, min_steps: int = 2) -> int:
+    """Splits of K (a power of 2) for `tiles` output tiles: enough for SPLIT_K_TARGET_PROGRAMS programs,
+    each split keeping >= min_steps K steps of block_k."""
+    split = 1
+    steps = -(-k // block_k)
+    while tiles * split < SPLIT_K_TARGET_PROGRAMS and split < SPLIT_K_MAX and steps >= 2 * min_steps * split:
+        split *= 2
+    return split
+
+
+def split_k_chunk(k: int, block_k: int, split: int) -> int:
+    """Inputs per split: whole K steps, so every split but the last covers the same range."""
+    steps = -(-k // block_k)
+    return -(-steps // split) * block_k
+
+
+def split_k_buffers(m: int, n: int, split: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials [split, M, N] and the per-tile counters (zero between launches: the kernels reset them).
+
+    The counters are shared by every launch on a device, so split-K launches must not run concurrently on two
+    streams (the engine runs its layers in one stream)."""
+    if split == 1:
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        return dummy, torch.zeros(1, dtype=torch.int32, device=device)
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return torch.empty(split, m, n, dtype=torch.float32, device=device), locks

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2
+from ._launch import choose_split_k, next_power_of_2, split_k_buffers
 
 
 def autotune_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
@@ -34,6 +34,31 @@ def popcount32(v, HW_POPC: tl.constexpr):
     return ((u * 0x01010101) >> 24).to(tl.int32)
 
 
+def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]:
+    """GEMV grid (N tiles, K splits, M tiles): the kernels read SPLIT_K as tl.num_programs(1)."""
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    return triton.cdiv(n, block_n), choose_split_k(tiles, k, block_k), triton.cdiv(m, block_m)
+
+
+def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, **flags) -> None:
+    """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, BLOCK_K)``:
+    autotuned over `shapes` [(BLOCK_N, BLOCK_K, ...)] when config is None, else with that tile (and its
+    split_k, or the heuristic's). BLOCK_M = all rows up to 8, so the weight is read once for decode."""
+    block_m = config.block_m if config else min(next_power_of_2(m), 8)
+    if config is not None:
+        grid = split_k_grid(n, m, k, block_m, config.block_n, config.block_k)
+        if config.split_k is not None:
+            grid = (grid[0], config.split_k, grid[2])
+        ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], device)
+        kernel[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                     num_warps=config.num_warps, num_stages=config.num_stages, **flags)
+        return
+    grids = [split_k_grid(n, m, k, block_m, bn, bk) for bn, bk, *_ in shapes]
+    ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), device)
+    grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], meta["BLOCK_K"])
+    tuned[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, **flags)
+
+
 def launch_tiled(gemv, gemv_tuned, dot, dot_tuned, args, kind, m, n, config, IEEE_FP32, **flags) -> None:
     """Launch the gemv or dot kernel of a format: autotuned when config is None, else with that tile.
 
@@ -58,3 +83,37 @@ def launch_tiled(gemv, gemv_tuned, dot, dot_tuned, args, kind, m, n, config, IEE
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
         dot[grid](*args, m_bucket, IEEE_FP32=IEEE_FP32, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
+
+
+@triton.jit
+def store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s, lock_id,
+                  SPLIT_K, HAS_BIAS: tl.constexpr):
+    """Store acc [BLOCK_M, BLOCK_N] (fp32) of split pid_s; with SPLIT_K > 1 the last split to finish sums all.
+
+    SPLIT_K is a runtime value (the grid's split axis), so one compiled kernel serves every split.
+    Split-K, deterministic and in one launch: every split writes its fp32 partial to ws [SPLIT_K, M, N], then
+    bumps the tile's counter lock_ptr[lock_id] (acq_rel, after a CTA barrier so all threads' stores are in,
+    the CUTLASS semaphore pattern); the split that sees SPLIT_K - 1 adds the partials in split order (the
+    same sum every run), adds the bias, stores y and resets the counter to 0 for the next launch.
+    """
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    y_off = offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        ws_off = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_s * M * N + ws_off, acc, mask=y_mask)
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + lock_id, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            total = tl.load(ws_ptr + ws_off, mask=y_mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=y_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(lock_ptr + lock_id, 0)

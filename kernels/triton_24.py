@@ -5,9 +5,12 @@ steps of BLOCK_K inputs = G = BLOCK_K / 4 groups. Per step it reads the compress
 contiguous [BLOCK_N, G, 2] tile (16-byte vector loads) and one 32-bit meta word per 8 groups, and expands
 them in registers into the four dense columns of each group, ``w_c[n, g] = W[n, 4g + c]`` (c = 0..3), with
 selects on the 2-bit indices (pack_24 stores a group's two indices in increasing order, so i0 < i1):
-* ``gemv`` (decode, M <= a few rows): fp32 FMAs; the x tile [G, 4] of each row is loaded once, coalesced,
-  and split into its four columns in registers. All rows of x are handled by one program, so the weight
-  is read from DRAM once;
+* ``gemv`` for one row of x (``_gemv_24_kernel``): no expansion. Values as [BLOCK_N, W, 16] (W = BLOCK_K / 32
+  meta words), one meta word per 16 values, x gathered at each stored value's input, one fp32 FMA per
+  stored value; the next step's values and meta are loaded one step ahead (registers), 32-bit offsets;
+* ``gemv`` for 2..8 rows (``_gemv_24_expand_kernel``): the four dense columns as above feed fp32 FMAs for
+  every row of x (the x tile [G, 4] loaded once, coalesced, split in registers), so the weight is read once.
+  Both gemv kernels split K over the grid's second axis (``_triton_util.store_split_k``);
 * ``dot`` (tensor cores): four ``tl.dot(w_c [BLOCK_N, G], x_c [G, BLOCK_M])`` per step, the same number of
   tensor-core FLOPs as dense, fp32 accumulation; BLOCK_M >= 16 rows of x (rows past M are masked).
 The torch reference is ``reference.linear_24_reference``. This module imports triton: import it only on
@@ -28,7 +31,7 @@ from ._launch import (
     flatten_rows,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, launch_tiled
+from ._triton_util import autotune_bench, launch_gemv, launch_tiled, store_split_k
 from .formats import Packed24
 from .reference import check_linear_inputs
 
@@ -37,7 +40,8 @@ __all__ = ["linear_24_triton"]
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-GEMV_SHAPES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 128, 4)]
+GEMV_SHAPES = [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]  # gather kernel, M = 1
+EXPAND_SHAPES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 128, 4)]  # expand kernel, M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 256, 4, 2), (16, 64, 256, 4, 2), (64, 64, 128, 4, 3),
               (64, 128, 128, 8, 3), (128, 128, 128, 8, 3)]
 
@@ -46,6 +50,12 @@ def _gemv_configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
+
+
+def _expand_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in EXPAND_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -82,12 +92,78 @@ def _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G: tl.constexpr):
 
 @triton.jit
 def _gemv_24_kernel(
-    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Gather x, FMA only the stored values: per step, values [BN, W, 16] (W = BLOCK_K / 32 meta words, 16
+    # values per word) and one meta word per 16 values; value (w, j) sits at input 32 w + 4 (j // 2) + idx.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    W: tl.constexpr = BLOCK_K // 32
+    w = tl.arange(0, W)
+    j = tl.arange(0, 16)
+    n_mask = offs_n < N
+    half = K // 2
+    n_words = (half + 15) // 16
+    SPLIT_K = tl.num_programs(1)  # split-K: each split walks its own run of whole K steps
+    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * K_CHUNK
+    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    # 32-bit offsets (the launcher checks N * K / 2 < 2**31)
+    v_rows = values_ptr + (offs_n * half)[:, None, None]
+    m_rows = meta_ptr + (offs_n * n_words)[:, None]
+    x_rows = x_ptr + (offs_m * stride_xm)[:, None, None, None]
+    rel = (16 * w)[:, None] + j[None, :]  # [W, 16] value index in the step
+    col0 = (32 * w)[:, None] + 4 * (j // 2)[None, :]  # [W, 16] first input of the value's group
+    shift = 2 * j
+    m_ok = (offs_m < M)[:, None, None, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, W, 16), dtype=tl.float32)
+    # Registers hold the next step's values and meta while this step computes (a software prefetch).
+    h = k_lo // 2 + rel
+    vmask = n_mask[:, None, None] & (h < k_hi // 2)[None, :, :]
+    v_next = tl.load(v_rows + h[None, :, :], mask=vmask, other=0.0)
+    w_hi = (k_hi + 31) // 32  # words of this split (a split ends on a K step, so on a word)
+    wmask = n_mask[:, None] & (k_lo // 32 + w < w_hi)[None, :]
+    word_next = tl.load(m_rows + (k_lo // 32 + w)[None, :], mask=wmask, other=0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        v = v_next
+        word = word_next
+        mask = vmask
+        kn = k0 + BLOCK_K
+        h = kn // 2 + rel
+        vmask = n_mask[:, None, None] & (h < k_hi // 2)[None, :, :]
+        v_next = tl.load(v_rows + h[None, :, :], mask=vmask, other=0.0)
+        wmask = n_mask[:, None] & (kn // 32 + w < w_hi)[None, :]
+        word_next = tl.load(m_rows + (kn // 32 + w)[None, :], mask=wmask, other=0)
+        idx = (word[:, :, None] >> shift[None, None, :]) & 3  # [BN, W, 16]
+        col = k0 + col0[None, :, :] + idx
+        xv = tl.load(x_rows + col[None, :, :, :], mask=m_ok & mask[None, :, :, :], other=0.0)
+        acc += v.to(tl.float32)[None, :, :, :] * xv.to(tl.float32)
+    acc2 = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+    store_split_k(acc2, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
+
+
+
+@triton.jit
+def _gemv_24_expand_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # M >= 2: expand W to its four dense columns per group (x is reused across rows); split-K as the gather kernel
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
+    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * K_CHUNK
+    k_hi = tl.minimum(K, k_lo + K_CHUNK)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     G: tl.constexpr = BLOCK_K // 4
@@ -96,7 +172,7 @@ def _gemv_24_kernel(
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
     offs_m = pid_m * BLOCK_M + rows_m
     c4 = tl.arange(0, 4)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         g = k0 // 4 + tl.arange(0, G)
         w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
         # x tile [BLOCK_M, G, 4] of every row, loaded once (coalesced), split into its 4 columns in registers
@@ -109,10 +185,8 @@ def _gemv_24_kernel(
         acc3 += (w0.to(tl.float32)[None, :, :] * x0[:, None, :] + w1.to(tl.float32)[None, :, :] * x1[:, None, :]
                  + w2.to(tl.float32)[None, :, :] * x2[:, None, :] + w3.to(tl.float32)[None, :, :] * x3[:, None, :])
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -160,6 +234,8 @@ def _dot_24_kernel(
 _gemv_24_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
     _gemv_24_kernel
 )
+_gemv_24_expand_tuned = triton.autotune(configs=_expand_configs(), key=["N", "K", "BLOCK_M"],
+                                        do_bench=autotune_bench)(_gemv_24_expand_kernel)
 _dot_24_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
     _dot_24_kernel
 )
@@ -185,7 +261,17 @@ def linear_24_triton(
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
+    if n * (k // 2) >= 2**31:
+        raise ValueError(f"the 2:4 kernels use 32-bit offsets: N * K / 2 must be < 2**31, got {n} x {k}")
+    kind = choose_path(path, m)
+    if kind == "gemv":
+        gather = (config.block_m if config else m) == 1  # gather x for one row; expand W for 2..8 rows
+        shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES if gather else EXPAND_SHAPES
+        kernel, tuned = (_gemv_24_kernel, _gemv_24_tuned) if gather else (_gemv_24_expand_kernel, _gemv_24_expand_tuned)
+        launch_gemv(kernel, tuned, shapes, (x2, packed.values, packed.meta, b, y),
+                    (m, n, k, x2.stride(0), y.stride(0)), m, n, k, x.device, config, HAS_BIAS=bias is not None)
+        return y.reshape(*x.shape[:-1], n)
     args = (x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0))
-    launch_tiled(_gemv_24_kernel, _gemv_24_tuned, _dot_24_kernel, _dot_24_tuned, args, choose_path(path, m),
+    launch_tiled(_gemv_24_kernel, _gemv_24_tuned, _dot_24_kernel, _dot_24_tuned, args, kind,
                  m, n, config, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32)
     return y.reshape(*x.shape[:-1], n)

@@ -7,7 +7,11 @@ kept weight (n, k) at ``row_ptr[n] + offset[n, w] + popcount(word & (2**(k % 32)
 input: no prefix sum along the row). Values are compacted row-major, so a step's reads of one row are one
 contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds fp32 FMAs for
 every row of x (``gemv``, decode; the weight is read once for all rows) or a ``tl.dot`` (``dot``).
-Reference: ``linear_bitmap_reference``.
+The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: each thread owns whole
+bitmap words and walks their 32 inputs in order with a running count (``offset`` + kept inputs so far), so
+no popcount and no broadcast of a word to 32 lanes; the 2..8-row gemv (``_gemv_bitmap_popc_kernel``) keeps
+the popcount tile above. Both split K over the grid's second axis, load the next step's words and offsets
+one step ahead and use 32-bit offsets. Reference: ``linear_bitmap_reference``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ._launch import (
     flatten_rows,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, launch_tiled, popcount32
+from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, store_split_k
 from .formats import PackedBitmap, bitmap_word_offsets
 from .reference import check_linear_inputs
 
@@ -33,7 +37,8 @@ __all__ = ["linear_bitmap_triton"]
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-GEMV_SHAPES = [(4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (4, 512, 4)]
+GEMV_SHAPES = [(32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (8, 512, 4)]  # M = 1: >= 1 word a thread
+POPC_SHAPES = [(4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (4, 512, 4)]  # M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (32, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 
@@ -42,6 +47,12 @@ def _gemv_configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
+
+
+def _popc_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in POPC_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -72,33 +83,114 @@ def _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N,
 
 @triton.jit
 def _gemv_bitmap_kernel(
-    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr,
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # M = 1. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
+    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
+    # waits on one DRAM round trip (values) instead of two (words, then values).
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
+    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * K_CHUNK
+    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    n_words = (K + 31) // 32
+    w_hi = (k_hi + 31) // 32
+    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]
+    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
+    BW: tl.constexpr = BLOCK_K // 32
+    wi = tl.arange(0, BW)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
+    w = k_lo // 32 + wi
+    mask = n_mask[:, None] & (w < w_hi)[None, :]
+    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
+    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
+    x_rows = x_ptr + (offs_m * stride_xm)[:, None]  # [BM, 1]
+    m_ok = (offs_m < M)[:, None]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        word = word_next
+        cnt = off_next.to(tl.int32) & 0xFFFF  # running count: kept values of the row before this input
+        w = (k0 + BLOCK_K) // 32 + wi
+        mask = n_mask[:, None] & (w < w_hi)[None, :]
+        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
+        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
+        # One word per thread slot: walk its 32 inputs in order with an in-thread running count (no
+        # popcount, no broadcast of the word to 32 lanes); the tensors stay in the word tile's layout.
+        x_word = x_rows + (k0 + 32 * wi)[None, :]  # [BM, BW]
+        x_ok = m_ok & (k0 + 32 * wi < K)[None, :]
+        for t in tl.static_range(32):
+            bit = (word >> t) & 1
+            v = tl.load(row_vals + cnt, mask=bit != 0, other=0.0)  # [BN, BW]
+            if EVEN_K:
+                xv = tl.load(x_word + t, mask=x_ok, other=0.0)  # [BM, BW]
+            else:  # the last word runs past K
+                xv = tl.load(x_word + t, mask=x_ok & (k0 + 32 * wi + t < K)[None, :], other=0.0)
+            acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)[:, None, :]
+            cnt += bit
+    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
+    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_bitmap_popc_kernel(
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, HW_POPC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # M >= 2 (x reused across rows): the dense tile by one popcount per input, as the dot kernel. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
+    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
+    # waits on one DRAM round trip (values) instead of two (words, then values).
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
+    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * K_CHUNK
+    k_hi = tl.minimum(K, k_lo + K_CHUNK)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_m = tl.arange(0, BLOCK_M)
-    row_start = tl.load(row_ptr + offs_n, mask=offs_n < N, other=0)  # [BN] int64
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    n_words = (K + 31) // 32
+    w_hi = (k_hi + 31) // 32
+    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None, None]
+    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
     BW: tl.constexpr = BLOCK_K // 32
-    # Partial products stay in a [BLOCK_M, BLOCK_N, BLOCK_K] register accumulator, reduced once after the
-    # loop (a reduction per step and row costs more shuffles than the FMAs it serves).
+    wi = tl.arange(0, BW)
+    t = tl.arange(0, 32)
+    below = ~(-1 << t)[None, None, :]  # bits below t
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    offs_m = pid_m * BLOCK_M + rows_m
-    for k0 in range(0, K, BLOCK_K):
-        w = k0 // 32 + tl.arange(0, BW)
+    w = k_lo // 32 + wi
+    mask = n_mask[:, None] & (w < w_hi)[None, :]
+    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
+    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        word = word_next
+        off = off_next.to(tl.int32) & 0xFFFF
+        w = (k0 + BLOCK_K) // 32 + wi
+        mask = n_mask[:, None] & (w < w_hi)[None, :]
+        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
+        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
+        word3 = word[:, :, None]  # [BN, BW, 1]: broadcast over the word's 32 inputs
+        kept = ((word3 >> t[None, None, :]) & 1) != 0  # padding bits past K are 0
+        rank = popcount32(word3 & below, HW_POPC)  # kept inputs before t in the word
+        vals = tl.load(row_vals + (off[:, :, None] + rank), mask=kept, other=0.0)  # [BN, BW, 32]
+        wt = tl.reshape(vals, (BLOCK_N, BLOCK_K))
         k = k0 + tl.arange(0, BLOCK_K)
-        wt = _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N, K, HW_POPC)
         x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)  # [BM, BK]
         acc3 += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -137,6 +229,8 @@ def _dot_bitmap_kernel(
 _gemv_bitmap_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
     _gemv_bitmap_kernel
 )
+_gemv_bitmap_popc_tuned = triton.autotune(configs=_popc_configs(), key=["N", "K", "BLOCK_M"],
+                                          do_bench=autotune_bench)(_gemv_bitmap_popc_kernel)
 _dot_bitmap_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
     _dot_bitmap_kernel
 )
@@ -164,8 +258,22 @@ def linear_bitmap_triton(
         return y.reshape(*x.shape[:-1], n)
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
     offsets = packed.word_offsets if packed.word_offsets is not None else bitmap_word_offsets(packed.bitmap)
+    kind = choose_path(path, m)
+    if kind == "gemv":
+        if packed.nnz >= 2**31 or n * packed.bitmap.shape[1] >= 2**31:
+            raise ValueError("the bitmap gemv kernel uses 32-bit offsets: nnz and N * K / 32 must be < 2**31")
+        ptrs, rest = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y), (m, n, k, x2.stride(0), y.stride(0))
+        if (config.block_m if config else m) == 1:  # one row: walk each word with a running count
+            shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES
+            launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
+                        HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0)
+        else:
+            shapes = [(16, 64)] if interpreter_enabled() else POPC_SHAPES
+            launch_gemv(_gemv_bitmap_popc_kernel, _gemv_bitmap_popc_tuned, shapes, ptrs, rest, m, n, k, x.device,
+                        config, HAS_BIAS=bias is not None, HW_POPC=not interpreter_enabled())
+        return y.reshape(*x.shape[:-1], n)
     args = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y, m, n, k, x2.stride(0), y.stride(0))
     launch_tiled(_gemv_bitmap_kernel, _gemv_bitmap_tuned, _dot_bitmap_kernel, _dot_bitmap_tuned, args,
-                 choose_path(path, m), m, n, config, HAS_BIAS=bias is not None,
+                 kind, m, n, config, HAS_BIAS=bias is not None,
                  HW_POPC=not interpreter_enabled(), IEEE_FP32=x.dtype == torch.float32)
     return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,58 @@
+"""Issue 14 gemv kernels against the float64 reference: split-K, the M = 1 kernels (2:4 gather-x, bitmap
+running count) and the M = 2..8 kernels (2:4 expand, bitmap popcount), under the interpreter on a CPU.
+
+Small case table (the interpreter is slow): M = 1 and odd M, N and K not multiples of the tile, K not a
+multiple of 32 (the bitmap's partial last word), bias and no bias, split-K forced to 1, 2 and 3 (3 leaves
+an empty last split), and the split-K counters are back at zero after every launch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_kernels import assert_matches, make_case  # same folder (rootdir-relative imports, no __init__.py)
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# name: (M, N, K, bias, BLOCK_N, BLOCK_K, split_k)
+CASES = {
+    "m1_split1_bias": (1, 33, 100, True, 16, 64, 1),
+    "m1_split2": (1, 24, 256, False, 8, 64, 2),
+    "m1_split3_ragged_bias": (1, 19, 228, True, 16, 64, 3),
+    "m3_split2_bias": (3, 21, 196, True, 8, 64, 2),
+    "m8_split3": (8, 16, 256, False, 16, 64, 3),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["24", "bitmap"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_gemv_split_k(case: str, fmt: str, device: torch.device) -> None:
+    from sparsedial.kernels import _launch
+    from sparsedial.kernels._launch import KernelConfig
+
+    m, n, k, bias, bn, bk, split = CASES[case]
+    x, packed, b, ref = make_case(fmt, m, n, k, torch.float16, bias, 0.45, seed=list(CASES).index(case),
+                                  device=device)
+    if fmt == "24":
+        from sparsedial.kernels.triton_24 import linear_24_triton as launch
+    else:
+        from sparsedial.kernels.triton_bitmap import linear_bitmap_triton as launch
+    config = KernelConfig(min(8, 1 << (m - 1).bit_length()), bn, bk, split_k=split)
+    y = launch(x, packed, b, path="gemv", config=config)
+    assert_matches(y, ref, torch.float16)
+    assert torch.equal(launch(x, packed, b, path="gemv", config=config), y)  # deterministic split-K sum
+    for locks in _launch._LOCKS.values():
+        assert int(locks.abs().sum()) == 0  # the last split resets its counter
+
+
+@needs_triton
+def test_choose_split_k() -> None:
+    from sparsedial.kernels._launch import SPLIT_K_TARGET_PROGRAMS, choose_split_k
+
+    assert choose_split_k(4096, 4096, 512) == 1  # enough tiles already
+    split = choose_split_k(128, 4096, 512)  # 1024 x 4096 at BLOCK_N = 8
+    assert 128 * split >= SPLIT_K_TARGET_PROGRAMS // 2 and 4096 // 512 // split >= 2
+    assert choose_split_k(16, 128, 64) == 1  # 2 K steps: no split

@@ -86,9 +86,8 @@ def split_k_buffers(m: int, n: int, split: int, tiles: int, device: torch.device
 
     The counters are shared by every launch on a device, so split-K launches must not run concurrently on two
     streams (the engine runs its layers in one stream)."""
-    if split == 1:
-        dummy = torch.empty(1, dtype=torch.float32, device=device)
-        return dummy, torch.zeros(1, dtype=torch.int32, device=device)
+    if split == 1:  # never touched by the kernel: dummies (torch.empty launches nothing)
+        return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
     locks = _LOCKS.get(device)
     if locks is None or locks.numel() < tiles:
         locks = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)

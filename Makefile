@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow soak smollm2 smollm2-quality bench clean wheel
+.PHONY: setup run test test-slow soak smollm2 smollm2-quality bench clean wheel cpu-kernels bench-cpu-decode
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the CPU kernels (kernels/cpu/) compile at first use with torch.utils.cpp_extension, which needs ninja
+	$(PY) -m pip install -q ninja
 	touch $@
 
 setup: $(VENV)/.installed
@@ -64,3 +66,12 @@ smollm2-quality: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The packed CPU tier kernels (issue 12): build them into the user cache now (`make run` / tests then only load
+# them), and the CPU decode benchmark of a random 480M Llama (docs/benchmarks.md, "CPU kernels"; ~30 min).
+cpu-kernels: setup
+	$(PY) -c "from sparsedial.kernels import _cpu_ext as c; print('CPU kernels:', c.available(), c.isa())"
+
+bench-cpu-decode: cpu-kernels
+	$(PY) benchmarks/bench_cpu_decode.py
+

@@ -131,8 +131,14 @@ def use_cpu_kernels(enabled: bool) -> Iterator[None]:
 
 
 def _cpu_kernels_apply(lin: ElasticLinear, backend: Backend) -> bool:
+    """True when `lin` builds packed CPU tiers: switched on, torch backend, fp32 CPU weights, and the kernels
+    run here (where they cannot build, kernels._cpu_ext logs one line and the fp32 path serves)."""
     w = lin.weight
-    return bool(lin.cpu_kernels) and backend == Backend.TORCH and w.device.type == "cpu" and w.dtype == torch.float32
+    if not (lin.cpu_kernels and backend == Backend.TORCH and w.device.type == "cpu" and w.dtype == torch.float32):
+        return False
+    from sparsedial.kernels import _cpu_ext
+
+    return _cpu_ext.available()
 
 
 def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:

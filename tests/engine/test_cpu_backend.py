@@ -6,6 +6,7 @@ weights; greedy tokens are compared for every tier of the embedded model and the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sparsedial.engine.elastic import ElasticModel
 from sparsedial.engine.linear import ElasticLinear, use_cpu_kernels
 from sparsedial.engine.options import EngineConfig
 from sparsedial.engine.tiers import TierPlan
+from sparsedial.kernels import _cpu_ext
 from sparsedial.kernels.cpu_formats import PackedDense, PackedTiled
 from sparsedial.kernels.formats import Packed24
 
@@ -104,3 +106,22 @@ def test_the_switch_keeps_the_fp32_path():
     on.ensure(["90%"])  # an on-demand tier keeps the linear's choice
     assert isinstance(lin.tiers["90%"].cpu, PackedTiled)
     assert on.tier_bytes["70%"] < 0.3 * off.tier_bytes["70%"]
+
+
+def test_without_the_extension_the_engine_keeps_the_fp32_path(monkeypatch, caplog):
+    saved = dict(_cpu_ext._state)
+
+    def broken_build():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(_cpu_ext, "_build", broken_build)
+    _cpu_ext.reset_for_tests()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sparsedial.kernels"):
+            em = EngineConfig(model=SHIPPED, resident_tiers=("dense", "70%", "2:4")).load_model()
+        lin = next(m for m in em.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None)
+        assert all(lin.tiers[t].cpu is None and lin.tiers[t].weight is not None for t in ("dense", "70%", "2:4"))
+        assert len([r for r in caplog.records if r.name == "sparsedial.kernels"]) == 1
+    finally:
+        _cpu_ext.reset_for_tests()
+        _cpu_ext._state.update(saved)

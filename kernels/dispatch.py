@@ -6,9 +6,8 @@ CPU-only machine without triton installed.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
+from sparsedial.engine.options import Backend, parse  # the engine's Backend enum: one type for both
 
 from ._launch import KernelPath, interpreter_enabled
 from .formats import Packed24, PackedBitmap
@@ -17,7 +16,6 @@ from .reference import linear_24_reference, linear_bitmap_reference
 
 __all__ = ["Backend", "sparse_linear"]
 
-Backend = Literal["auto", "triton", "torch"]
 
 
 def sparse_linear(
@@ -25,7 +23,7 @@ def sparse_linear(
     packed: Packed24 | PackedBitmap | PackedNested,
     bias: torch.Tensor | None = None,
     *,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
     path: KernelPath = "auto",
     tier: int | None = None,
 ) -> torch.Tensor:
@@ -47,9 +45,8 @@ def sparse_linear(
     elif tier is not None:
         kind = type(packed).__name__
         raise ValueError(f"tier= applies to PackedNested only, got tier={tier!r} for a {kind}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    backend = parse(Backend, backend, "backend")
+    use_triton = backend is Backend.TRITON or (backend is Backend.AUTO and x.is_cuda)
     if use_triton and not (x.is_cuda or interpreter_enabled()):
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; x is on {x.device}")
     if not use_triton:

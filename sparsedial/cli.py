@@ -249,6 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sparsedial.server import ServerSettings, create_app
 
     overrides = {k: getattr(args, k) for k in SERVE_OPTIONS if getattr(args, k) is not None}
+    if args.replicas is not None or args.autoscale:  # scale-out on Ray Serve (sparsedial/deploy, docs/deploy.md)
+        return _serve_fleet(args, overrides)
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as e:
@@ -266,6 +268,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if reason:  # vLLM and TGI exit too: a server that can never serve should not look alive to a supervisor
         raise SparsedialError(f"the server could not start: {reason}")
     return 0
+
+
+def _serve_fleet(args: argparse.Namespace, overrides: dict) -> int:
+    """`serve --replicas N` / `--autoscale`: a local Ray cluster on loopback and the Ray Serve app."""
+    from pydantic import ValidationError
+
+    from sparsedial.deploy import FleetOptions, RayMissingError, require_ray
+    from sparsedial.deploy.options import parse_ladder
+    from sparsedial.server import ServerSettings
+
+    try:
+        require_ray()
+    except RayMissingError as e:
+        raise SparsedialError(str(e)) from None
+    from sparsedial.deploy.app import run_local, server_overrides
+
+    try:
+        settings = ServerSettings(**overrides)
+        opts = FleetOptions(replicas=args.replicas or 2, autoscale=args.autoscale, min_replicas=args.min_replicas,
+                            max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                            max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
+                            ladder=parse_ladder(args.ladder), hysteresis=args.hysteresis,
+                            server=server_overrides(overrides))
+    except ValidationError as e:
+        raise SparsedialError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    except ValueError as e:
+        raise SparsedialError(str(e)) from None
+    if not settings.model.is_dir():
+        raise SparsedialError(f"model directory not found: {settings.model}")
+    return run_local(opts, settings.host, settings.port)
+
+
+def _add_fleet_args(s: argparse.ArgumentParser) -> None:
+    from sparsedial.deploy.options import FleetOptions
+
+    d = FleetOptions()
+    f = s.add_argument_group("scale-out on Ray Serve (needs: pip install 'sparsedial[ray]'; docs/deploy.md)")
+    f.add_argument("--replicas", type=int, default=None,
+                   help="serve N engine replicas on a local Ray Serve cluster (loopback) instead of one process")
+    f.add_argument("--autoscale", action="store_true", help="Ray Serve autoscaling between --min-replicas and "
+                                                           "--max-replicas instead of a fixed --replicas")
+    f.add_argument("--min-replicas", type=int, default=d.min_replicas, help=f"default {d.min_replicas}")
+    f.add_argument("--max-replicas", type=int, default=d.max_replicas, help=f"default {d.max_replicas}")
+    f.add_argument("--target-ongoing-requests", type=float, default=d.target_ongoing_requests,
+                   help=f"autoscaling target per replica (default {d.target_ongoing_requests})")
+    f.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests,
+                   help=f"most requests Serve hands one replica (default {d.max_ongoing_requests})")
+    f.add_argument("--replica-cpus", type=float, default=d.replica_cpus,
+                   help=f"Ray CPUs reserved per replica (default {d.replica_cpus})")
+    f.add_argument("--ladder", default=None, help="fleet tier policy: THRESHOLD=TIER steps over the fleet's "
+                                                  "load, e.g. 8=50%%,16=2:4 (default: fixed at the default tier)")
+    f.add_argument("--hysteresis", type=float, default=d.hysteresis, help="how far the fleet load must fall "
+                                                                         "below a step to step back")
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -289,6 +344,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         kind = {"port": int, "max_running": int, "max_waiting": int, "model": Path}.get(name)
         setting(name, **({"type": kind} if kind else {}))
     setting("allow_external_base", action="store_true", default=None)
+    _add_fleet_args(s)
     s.set_defaults(func=cmd_serve)
 
 

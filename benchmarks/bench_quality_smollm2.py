@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -145,6 +146,17 @@ def run(args) -> None:
                 save_results(args, method, res)
                 print(method, tier, res["tiers"][tier], flush=True)
                 del model
+        elif method == "nested-wanda":  # the EPTS run's masks without its LoRA: what the training adds
+            lm, spec, tensors = load_elastic_for_eval(Path(args.work) / "epts", loaded=base,
+                                                      allow_external_base=True)
+            res["source"] = "the masks of the epts run, LoRA groups off"
+            for tier in spec.tiers[1:]:
+                if tier.name in res["tiers"] or tier.name not in args.tiers.split(","):
+                    continue
+                with tier_weights(lm.model, spec, tensors, dataclasses.replace(tier, lora_groups=())) as m:
+                    res["tiers"][tier.name] = {**ppl(m), "sparsity": overall_sparsity(m)}
+                save_results(args, method, res)
+                print(method, tier.name, res["tiers"][tier.name], flush=True)
         else:  # an EPTS variant: one run, all tiers
             name = method
             out = Path(args.work) / name
@@ -157,7 +169,7 @@ def run(args) -> None:
                             "elastic_bytes": (out / "elastic.safetensors").stat().st_size,
                             "config": {**json.loads(json.dumps(asdict(cfg))), "chain": args.chain}})
                 save_results(args, method, res)
-            lm, spec, tensors = load_elastic_for_eval(out, loaded=base)
+            lm, spec, tensors = load_elastic_for_eval(out, loaded=base, allow_external_base=True)
             for tier in spec.tiers[1:]:
                 if tier.name in res["tiers"]:
                     continue
@@ -170,13 +182,19 @@ def run(args) -> None:
 def hf_check(args) -> None:
     """Export one tier of an EPTS checkpoint as a plain HF model; perplexity from transformers and from
     sparsedial's loader of the same export, next to the figure of the elastic checkpoint."""
-    from sparsedial.compress.export import export_tier_hf
+    from sparsedial.compress.export import copy_base_files, save_hf_weights, weights_dtype
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     src = Path(args.work) / args.epts_name
     dest = Path(args.work) / f"export-{args.epts_name}-{args.tier.replace('%', 'pct').replace(':', '-')}"
-    sparsity = export_tier_hf(src, args.tier, dest)
+    # = export_tier_hf, but the run's base weights are referenced from models/, outside the run folder's parent
+    lm, spec, tensors = load_elastic_for_eval(src, allow_external_base=True)
+    copy_base_files(args.model, dest, link_base=True)  # config + tokenizer; the weights are written below
+    with tier_weights(lm.model, spec, tensors, spec.tier(args.tier)) as m:
+        save_hf_weights(m, dest, weights_dtype(args.model / "model.safetensors"))
+        sparsity = overall_sparsity(m)
+    del lm
     ours = load_model(dest, dtype="float32")
     data = texts_and_tokens(ours.tokenizer, args)
     hf = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
@@ -189,7 +207,8 @@ def hf_check(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------- reporting
-LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "epts": "EPTS"}
+LABELS = {"nested-wanda": "nested Wanda (no LoRA)", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+          "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)"}
 
 
 def collect(args) -> dict:
@@ -201,7 +220,9 @@ def collect(args) -> dict:
 
 def _cell(res, m, t, k) -> str:
     v = res.get(m, {}).get("tiers", {}).get(t)
-    return f"{v[k]:.2f}" if v else "n/a"
+    if not v:
+        return "n/a"
+    return f"{v[k]:,.0f}" if v[k] >= 1000 else f"{v[k]:.2f}"
 
 
 def markdown(res: dict, epts_names: list[str]) -> str:
@@ -209,12 +230,13 @@ def markdown(res: dict, epts_names: list[str]) -> str:
     label = {m: LABELS.get(m, m) for m in methods}
     d = res["dense"]
     meta = d
-    head = "| tier | " + " | ".join(f"{label[m]} prose | {label[m]} code" for m in methods) + " |\n"
-    head += "|---|" + "---|---|" * len(methods) + "\n"
-    dense = "| dense | " + " | ".join(f"{d['tiers']['dense']['prose']:.2f} | {d['tiers']['dense']['code']:.2f}"
-                                      for _ in methods) + " |\n"
-    rows = "".join(f"| {t} | " + " | ".join(f"{_cell(res, m, t, 'prose')} | {_cell(res, m, t, 'code')}"
-                                            for m in methods) + " |\n" for t in TIERS)
+    tables = ""
+    for kind in ("prose", "code"):
+        tables += f"**{kind}** (held-out perplexity; lower is better)\n\n"
+        tables += "| tier | " + " | ".join(label[m] for m in methods) + " |\n|---|" + "---|" * len(methods) + "\n"
+        tables += "| dense | " + " | ".join(f"{d['tiers']['dense'][kind]:.2f}" for _ in methods) + " |\n"
+        tables += "".join(f"| {t} | " + " | ".join(_cell(res, m, t, kind) for m in methods) + " |\n" for t in TIERS)
+        tables += "\n"
     main = epts_names[0] if epts_names and epts_names[0] in res else None
     target = ""
     if main and "sparsegpt" in res:
@@ -234,7 +256,7 @@ def markdown(res: dict, epts_names: list[str]) -> str:
         if m in BASELINES:
             w = sum(v["wall_s"] for v in r["tiers"].values())
             walls += f"| {label[m]} | sum of {len(r['tiers'])} per-tier runs | {w / 60:.1f} min |\n"
-        else:
+        elif "wall_s" in r:
             walls += f"| {label[m]} | one run, all tiers | {r['wall_s'] / 60:.1f} min |\n"
     dense_mb = d.get("model_bytes", 0) / 1e6
     sizes = f"| dense model (model.safetensors, bf16) | {dense_mb:.1f} |\n"
@@ -249,7 +271,7 @@ def markdown(res: dict, epts_names: list[str]) -> str:
         h = res["hf-check"]
         el = res.get(h["epts_run"], {}).get("tiers", {}).get(h["tier"], {})
         hf = (f"\n### The same tier through transformers\n\n`{h['epts_run']}` tier {h['tier']} exported with "
-              "`export_tier_hf` (bf16 merged weights, exact zeros; measured sparsity "
+              "the steps of `export_tier_hf` (bf16 merged weights, exact zeros; measured sparsity "
               f"{h['sparsity']:.4f}) and loaded with transformers' `AutoModelForCausalLM` (fp32):\n\n"
               "| | prose | code |\n|---|---|---|\n"
               f"| transformers, exported tier | {h['transformers']['prose']:.3f} | {h['transformers']['code']:.3f} |\n"
@@ -277,8 +299,7 @@ Texts (sparsedial/evaltext.py; full file lists and sha256 in docs/quality_smollm
 {texts}
 ![perplexity vs sparsity](figures/quality_smollm2_ppl.png)
 
-{head}{dense}{rows}
-EPTS recipes:
+{tables}EPTS recipes:
 {cfgs}
 ### EPTS ({main}) vs per-tier SparseGPT
 

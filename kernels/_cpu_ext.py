@@ -2,7 +2,8 @@
 
 `extension()` compiles kernels/cpu/{ext,isa_avx2,isa_avx512}.cpp with `torch.utils.cpp_extension.load` the
 first time it is called in a fresh cache and loads the cached build afterwards (seconds). The cache lives in
-$TORCH_EXTENSIONS_DIR when set, else ~/.cache/sparsedial/torch_extensions/<torch version>. Each ISA unit
+$TORCH_EXTENSIONS_DIR when set, else ~/.cache/sparsedial/torch_extensions/<torch version>, one folder per
+sha256 of the sources (`_staged_sources`). Each ISA unit
 is one translation unit compiled for its instruction set (a `#pragma GCC target` at its top, equivalent to
 `-mavx2 -mfma` / `-mavx512f -mavx512bw -mavx512vl` for that file alone); ext.cpp is baseline x86-64 and
 calls the unit that `isa()` names:
@@ -17,9 +18,11 @@ logs ONE line saying why; every launcher then runs its torch reference (same res
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -67,14 +70,34 @@ def supported_isas(flags: set[str] | None = None) -> list[str]:
     return out
 
 
+def _staged_sources() -> tuple[Path, list[Path]]:
+    """The build folder for these exact sources, with a copy of them inside it: keyed by the sha256 of every
+    file of kernels/cpu/, and compiled from the copy, so a source tree and a wheel installed elsewhere with
+    the same sources share one build (ninja records absolute source paths: compiled from their own places,
+    each copy would rebuild the other's every time), and a change of sources gets a folder of its own."""
+    files = sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    build_dir = cache_dir() / f"{EXT_NAME}-{digest.hexdigest()[:16]}"
+    src = build_dir / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        dest = src / f.name
+        if not dest.is_file() or dest.read_bytes() != f.read_bytes():
+            tmp = dest.with_suffix(dest.suffix + f".{os.getpid()}.tmp")
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dest)  # atomic: a concurrent build never sees half a file
+    return build_dir, [src / s for s in SOURCES]
+
+
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    build_dir = cache_dir() / EXT_NAME
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir, sources = _staged_sources()
     return cpp_extension.load(
         name=EXT_NAME,
-        sources=[str(SOURCE_DIR / s) for s in SOURCES],
+        sources=[str(s) for s in sources],
         extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),

@@ -170,7 +170,7 @@ def test_wheel_has_code_markers_and_license(wheel):
     names = set(_names(wheel))
     for f in ("sparsedial/__init__.py", "sparsedial/paths.py", "sparsedial/cli.py",
               "sparsedial/engine/runner.py", "sparsedial/server/app.py", "sparsedial/clients/_client.py",
-              "sparsedial/kernels/__init__.py",
+              "sparsedial/kernels/__init__.py", "sparsedial/kernels/cpu/ext.cpp", "sparsedial/kernels/cpu/impl.h",
               "sparsedial/compress/__init__.py", "sparsedial/server/playground/index.html",
               "sparsedial/py.typed", "sparsedial/clients/py.typed"):
         assert f in names, f

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section
 from bench_engine import bench_engine, bench_transformers
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import ElasticLinear, use_cpu_kernels
+from sparsedial.engine.linear import ElasticLinear
 from sparsedial.kernels import _cpu_ext
 
 from sparsedial.testing import write_synthetic_elastic
@@ -102,8 +102,7 @@ def step_bytes(em: ElasticModel, tier: str, rows: int) -> int:
 
 def load(path: Path, kernels: bool, resident: list[str]) -> tuple[ElasticModel, float]:
     t = time.perf_counter()
-    with use_cpu_kernels(kernels):
-        em = ElasticModel.load(path, dtype="float32", resident=resident, cache_tiers=1)
+    em = ElasticModel.load(path, dtype="float32", resident=resident, cache_tiers=1, cpu_kernels=kernels)
     return em, time.perf_counter() - t
 
 

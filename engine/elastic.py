@@ -56,13 +56,13 @@ class ElasticModel:
 
     def __init__(self, lm: LoadedModel, spec: ElasticSpec, tensors: dict[str, torch.Tensor], backend: Backend,
                  resident: Iterable[str] | None = None, memory_budget: int | None = None,
-                 cache_tiers: int = 4) -> None:
+                 cache_tiers: int = 4, cpu_kernels: bool = False) -> None:
         self.lm, self.model, self.tokenizer, self.config = lm, lm.model, lm.tokenizer, lm.config
         self.spec, self.backend = spec, backend
         self.memory_budget, self.cache_tiers = memory_budget, cache_tiers
         self.catalog = Tiers(spec.tiers, spec.groups)
         self._linears: list[ElasticLinear] = []
-        self._attach(tensors)
+        self._attach(tensors, cpu_kernels)
         self._relayout()
         self.tier_bytes: dict[str, int] = {}  # materialized tier -> bytes it owns
         self._resident: list[str] = []
@@ -75,25 +75,30 @@ class ElasticModel:
     def load(cls, path: str | Path, *, dtype: DType | torch.dtype = "auto", device: str | torch.device = "cpu",
              backend: Backend | str = "auto", resident: Iterable[str] | None = None,
              memory_budget: int | None = None, cache_tiers: int = 4,
-             allow_external_base: bool = False) -> ElasticModel:
+             allow_external_base: bool = False, cpu_kernels: bool = False) -> ElasticModel:
         """Load an elastic checkpoint (or a plain HF model, served as "dense" only). `allow_external_base`:
-        its base weights may lie outside the checkpoint's parent folder (elastic_format.resolve_base_weights)."""
+        its base weights may lie outside the checkpoint's parent folder (elastic_format.resolve_base_weights).
+        `cpu_kernels`: on a CPU in fp32, tiers in the packed formats of the C++ kernels (engine/linear.py);
+        False keeps the fp32 path (EngineConfig turns it on by default)."""
         path, device = Path(path), torch.device(device)
         lm = load_model(path, dtype=dtype, device=device, allow_external_base=allow_external_base)
         if not is_elastic(path):
             spec = ElasticSpec(tiers=[dense_tier()], groups=[], linears=[])
-            return cls(lm, spec, {}, choose_backend(backend, device), resident, memory_budget, cache_tiers)
+            return cls(lm, spec, {}, choose_backend(backend, device), resident, memory_budget, cache_tiers,
+                       cpu_kernels)
         spec, tensors = read_elastic(path, allow_external_base=allow_external_base)
         shapes = {n: tuple(m.weight.shape) for n, m in lm.model.named_modules() if isinstance(m, ElasticLinear)}
         validate_tensors(spec, tensors, shapes, path / "elastic.safetensors")
         tensors = {k: v.to(device) for k, v in tensors.items()}
-        return cls(lm, spec, tensors, choose_backend(backend, device), resident, memory_budget, cache_tiers)
+        return cls(lm, spec, tensors, choose_backend(backend, device), resident, memory_budget, cache_tiers,
+                   cpu_kernels)
 
-    def _attach(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _attach(self, tensors: dict[str, torch.Tensor], cpu_kernels: bool) -> None:
         listed = set(self.spec.linears)
         for name, mod in self.model.named_modules():
             if not isinstance(mod, ElasticLinear):
                 continue
+            mod.cpu_kernels = cpu_kernels
             if name in listed:
                 m = _LAYER.match(name)
                 prefix = name + "."

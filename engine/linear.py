@@ -12,8 +12,8 @@ Backends of a materialized tier (`TierWeights`):
   low-rank path `x A^T B^T` (unmasked mode), run with `F.linear`. A dense tier without LoRA shares `W`.
 - `triton`: the same weights packed (`pack_24` for the 2:4 tier, `pack_bitmap` otherwise) and run with
   `sparsedial.kernels.sparse_linear` (Triton on CUDA; its torch reference elsewhere).
-- `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default, or
-  `use_cpu_kernels(True)` around `ElasticModel.load`, which alone keeps the fp32 path above): each tier is stored
+- `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default; the
+  `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
   unstructured tiers >= TILED_MIN_SPARSITY as `PackedTiled`, 2:4 as bf16 `Packed24`, lower sparsities as
   a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
@@ -22,10 +22,7 @@ Backends of a materialized tier (`TierWeights`):
 
 from __future__ import annotations
 
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -113,23 +110,6 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 DENSE_BF16_MAX_ROWS = 32
 TILED_MIN_SPARSITY = 0.6
 
-_cpu_kernels_lock = threading.Lock()
-_cpu_kernels_default = False  # ElasticModel.load alone: the fp32 path; EngineConfig.load_model sets its field
-
-
-@contextmanager
-def use_cpu_kernels(enabled: bool) -> Iterator[None]:
-    """Linears created inside this block (a model load) serve their CPU tiers through the packed kernels
-    (`enabled`) or the fp32 path, for every tier they build later too (`ElasticLinear.cpu_kernels`)."""
-    global _cpu_kernels_default
-    with _cpu_kernels_lock:
-        before, _cpu_kernels_default = _cpu_kernels_default, bool(enabled)
-        try:
-            yield
-        finally:
-            _cpu_kernels_default = before
-
-
 def _cpu_kernels_apply(lin: ElasticLinear, backend: Backend) -> bool:
     """True when `lin` builds packed CPU tiers: switched on, torch backend, fp32 CPU weights, and the kernels
     run here (where they cannot build, kernels._cpu_ext logs one line and the fp32 path serves)."""
@@ -182,7 +162,7 @@ class ElasticLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.maps: LinearMaps | None = None  # None: a plain linear (every tier is the base weight)
         self.tiers: dict[str, TierWeights] = {}
-        self.cpu_kernels = _cpu_kernels_default  # packed CPU kernels for its tiers (use_cpu_kernels at load)
+        self.cpu_kernels = False  # packed CPU kernels for its tiers (set by ElasticModel from its cpu_kernels)
 
     def forward(self, x: torch.Tensor, plan: TierPlan | None = None) -> torch.Tensor:
         """x: [B, ...] -> [B, ..., out]; `plan`: the tier of each run of rows (None: the base weight)."""

@@ -159,13 +159,11 @@ class EngineConfig:
     def load_model(self) -> ElasticModel:
         """Load the model these settings name (the resident tiers materialized)."""
         from .elastic import ElasticModel
-        from .linear import use_cpu_kernels
 
         budget = None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
-        with use_cpu_kernels(self.cpu_kernels):
-            return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(),
-                                     backend=self.backend, resident=self.resident_tiers, memory_budget=budget,
-                                     cache_tiers=self.cache_tiers, allow_external_base=self.allow_external_base)
+        return ElasticModel.load(self.model, dtype=self.dtype, device=self.resolved_device(), backend=self.backend,
+                                 resident=self.resident_tiers, memory_budget=budget, cache_tiers=self.cache_tiers,
+                                 allow_external_base=self.allow_external_base, cpu_kernels=self.cpu_kernels)
 
 
 def _field(name: str) -> dataclasses.Field:

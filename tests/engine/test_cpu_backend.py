@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import ElasticLinear, use_cpu_kernels
+from sparsedial.engine.linear import ElasticLinear
 from sparsedial.engine.options import EngineConfig
 from sparsedial.engine.tiers import TierPlan
 from sparsedial.kernels import _cpu_ext
@@ -28,8 +28,7 @@ PROMPTS = [[5, 17, 301, 44, 9, 1200, 77], [400, 12, 12, 950, 3, 61, 2048, 15, 8]
 @pytest.fixture(scope="module")
 def models():
     old = ElasticModel.load(SHIPPED, dtype="float32")
-    with use_cpu_kernels(True):
-        new = ElasticModel.load(SHIPPED, dtype="float32")
+    new = ElasticModel.load(SHIPPED, dtype="float32", cpu_kernels=True)
     return old, new
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import ElasticLinear, use_cpu_kernels
+from sparsedial.engine.linear import ElasticLinear
 from sparsedial.kernels import _cpu_ext
 from sparsedial.kernels.cpu_dispatch import cpu_linear
 from sparsedial.kernels.cpu_formats import (
@@ -114,8 +114,7 @@ def test_pack_unpack_identity():
 
 def test_every_tier_of_the_embedded_model(isa):
     """Every tier's packed weights of a few linears of the embedded model, kernel vs reference."""
-    with use_cpu_kernels(True):
-        em = ElasticModel.load(SHIPPED, dtype="float32", resident=())
+    em = ElasticModel.load(SHIPPED, dtype="float32", resident=(), cpu_kernels=True)
     linears = [m for m in em.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None]
     picked = [linears[0], linears[len(linears) // 2], linears[-1]]
     g = torch.Generator().manual_seed(3)

@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow soak smollm2 smollm2-quality bench clean wheel cpu-kernels bench-cpu-decode
+.PHONY: setup run test test-slow soak smollm2 smollm2-quality bench clean wheel cpu-kernels bench-cpu-decode \
+	test-deploy bench-fleet
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,3 +76,14 @@ cpu-kernels: setup
 bench-cpu-decode: cpu-kernels
 	$(PY) benchmarks/bench_cpu_decode.py
 
+# Scale-out on Ray Serve (issue 16, docs/deploy.md): the fleet tests (tests/deploy: a local 2-replica Ray Serve
+# app; ~1 min here after installing ray[serve]; CI runs this after `make test`, bounded by DEPLOY_TIMEOUT) and
+# the fleet benchmark (dense / sparse / fleet auto at several client counts; ~10 min).
+DEPLOY_TIMEOUT ?= 600
+test-deploy: setup
+	$(PY) -m pip install -q -e ".[ray]"
+	OMP_NUM_THREADS=1 timeout $(DEPLOY_TIMEOUT) $(PY) -m pytest -q tests/deploy
+
+bench-fleet: setup
+	$(PY) -m pip install -q -e ".[ray]"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_fleet.py

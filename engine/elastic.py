@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .elastic_format import ElasticSpec, is_elastic, read_elastic, validate_tensors
-from .linear import ElasticLinear, LinearMaps, TierWeights, serving_layout
+from .linear import ElasticLinear, LinearMaps, TierWeights, packed_head, serving_layout
 from .loader import LoadedModel, load_model
 from .options import Backend, DType, parse
 from .tiers import Tiers, TierSpec, dense_tier
@@ -64,6 +64,10 @@ class ElasticModel:
         self._linears: list[ElasticLinear] = []
         self._attach(tensors, cpu_kernels)
         self._relayout()
+        self.head_bytes = 0  # bytes of a bf16 copy of the LM head (CPU kernels), beyond the base weights
+        head = packed_head(self.model.lm_head, backend) if cpu_kernels else None
+        if head is not None:
+            self.model.lm_head, self.head_bytes = head, head.nbytes
         self.tier_bytes: dict[str, int] = {}  # materialized tier -> bytes it owns
         self._resident: list[str] = []
         self._cache: OrderedDict[str, None] = OrderedDict()  # non-resident tiers, least recently used first

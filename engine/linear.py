@@ -135,6 +135,45 @@ def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> obj
     return pack_dense_bf16(w)  # already masked: zeros stored
 
 
+class PackedHead(nn.Module):
+    """The LM head on the CPU kernel path: the same fp32 `weight` (tied to the embedding when the model
+    ties them; parameter names as `nn.Linear`'s) plus a bf16 copy that the dense bf16 kernel reads for up to
+    DENSE_BF16_MAX_ROWS rows (a decode step); longer inputs use fp32 MKL. At decode the head is one of the
+    largest matrices a step streams (the vocabulary x hidden), so halving its bytes matters at every tier."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.weight = head.weight
+        self.bias = head.bias
+        self.in_features, self.out_features = head.in_features, head.out_features
+        from sparsedial.kernels.cpu_formats import pack_dense_bf16
+
+        self.packed = pack_dense_bf16(head.weight.detach().contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= DENSE_BF16_MAX_ROWS * x.shape[-1]:
+            from sparsedial.kernels.cpu_dispatch import cpu_linear
+
+            return cpu_linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def packed_head(head: nn.Module, backend: Backend) -> PackedHead | None:
+    """A PackedHead for `head` when the CPU kernels serve this model (fp32 nn.Linear on a CPU, torch backend,
+    the extension available), else None."""
+    w = getattr(head, "weight", None)
+    if not (isinstance(head, nn.Linear) and backend == Backend.TORCH and w is not None
+            and w.device.type == "cpu" and w.dtype == torch.float32):
+        return None
+    from sparsedial.kernels import _cpu_ext
+
+    return PackedHead(head) if _cpu_ext.available() else None
+
+
 def serving_layout(w: torch.Tensor) -> torch.Tensor:
     """`w` [out, in] as served: on a CPU in fp32, the same values stored column-major (a transposed view of a
     contiguous [in, out] tensor, no extra memory); elsewhere unchanged. MKL's sgemm computes `x @ W.T`

@@ -124,3 +124,22 @@ def test_without_the_extension_the_engine_keeps_the_fp32_path(monkeypatch, caplo
     finally:
         _cpu_ext.reset_for_tests()
         _cpu_ext._state.update(saved)
+
+
+def test_the_lm_head_reads_a_bf16_copy_at_decode(models):
+    """On the CPU kernel path the LM head is a PackedHead: the same (tied) fp32 weight for long inputs, and
+    at decode the bf16 kernel, which equals x @ bf16(W).T computed here in fp64."""
+    from sparsedial.engine.linear import DENSE_BF16_MAX_ROWS, PackedHead
+
+    old, new = models
+    head = new.model.lm_head
+    assert isinstance(head, PackedHead) and not isinstance(old.model.lm_head, PackedHead)
+    assert head.weight is new.model.model.embed_tokens.weight  # still tied: no second fp32 copy
+    assert new.head_bytes == head.weight.numel() * 2 and old.head_bytes == 0
+    x = torch.randn(3, head.in_features, generator=torch.Generator().manual_seed(0))
+    want = x.double() @ head.weight.detach().to(torch.bfloat16).double().T
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x).double(), want, rtol=1e-4, atol=1e-4)
+        long = torch.randn(DENSE_BF16_MAX_ROWS + 1, head.in_features)
+        torch.testing.assert_close(head(long), long @ head.weight.T, rtol=0, atol=0)  # fp32 MKL above
+    assert set(dict(new.model.named_parameters())) == set(dict(old.model.named_parameters()))

@@ -123,3 +123,20 @@ def test_cli_without_ray_says_how_to_install(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "sparsedial: error: scale-out needs Ray Serve, which is not installed: pip install 'sparsedial[ray]'"
+
+
+def test_the_kuberay_manifest_builds_fleet_options():
+    """docker/kuberay-rayservice.yaml's Serve config names app_builder and valid FleetOptions."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "kuberay-rayservice.yaml").read_text())
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "sparsedial.deploy:app_builder"
+    import sparsedial.deploy as deploy
+
+    assert callable(deploy.app_builder)
+    opts = FleetOptions.from_dict(app["args"])
+    assert opts.autoscale and opts.ladder == ((12.0, "50%"), (24.0, "70%"))
+    assert opts.deployment_options()["autoscaling_config"]["max_replicas"] == 4

@@ -20,6 +20,7 @@ def server_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """ServerSettings(**overrides) validated here (env vars included), as plain values every replica can
     rebuild it from (secrets in clear: they travel in the Serve deployment's arguments)."""
     from pydantic import SecretStr
+
     from sparsedial.server import ServerSettings
 
     settings = ServerSettings(**overrides)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+
 from sparsedial.engine.api import EngineStats, PolicySpec
 from sparsedial.engine.policy import TierPolicy
 from sparsedial.server import create_app
@@ -35,7 +36,7 @@ from sparsedial.server.metrics import CONTENT_TYPE
 from sparsedial.server.protocol import ErrorResponse, TierState, TierUpdate
 from sparsedial.server.routes_admin import require_admin, tier_state, updated_policy
 
-from .fleet import Report, spec_from_dict, spec_to_dict
+from .fleet import spec_from_dict, spec_to_dict
 
 log = logging.getLogger("sparsedial.deploy")
 METRICS_EVERY_S = 1.0
@@ -100,10 +101,9 @@ class FleetEngine:
     def apply(self, reply: dict[str, Any]) -> None:
         """Take the controller's policy (when newer) and fleet tier."""
         self.last_reply = time.monotonic()
-        if reply.get("policy") is not None and reply["version"] >= self.version:
-            if reply["version"] != self.version:
-                self.operator = spec_from_dict(reply["policy"])
-                self.version = reply["version"]
+        if reply.get("policy") is not None and reply["version"] > self.version:
+            self.operator = spec_from_dict(reply["policy"])
+            self.version = reply["version"]
         tier = reply.get("tier")
         if tier and tier != self.fleet_tier:
             try:
@@ -163,7 +163,7 @@ def merge_metrics(texts: dict[str, str], fleet: dict[str, Any]) -> str:
         current = None
         label = 'replica="' + replica.replace("\\", "\\\\").replace('"', '\\"') + '"'
         for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            if line.startswith(("# HELP ", "# TYPE ")):
                 name = line.split(" ", 3)[2]
                 current = name
                 if name not in families:
@@ -219,7 +219,7 @@ def build_replica_app(settings: Any, fleet: FleetEngine, controller: Controller)
             done, live = await controller.wait_applied(reply["version"], 5.0)
         except APIError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the controller is restarting
+        except Exception as exc:
             raise APIError(503, f"fleet controller unavailable: {exc}", code="not_ready",
                            headers={"Retry-After": "1"}) from exc
         body_out = tier_state(engine).model_dump(mode="json")

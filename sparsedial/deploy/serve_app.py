@@ -74,6 +74,7 @@ class _HandleController:
 class EngineReplica:
     async def __init__(self, options: dict[str, Any], controller: Any) -> None:
         import torch
+
         from sparsedial.server import ServerSettings
         from sparsedial.server.engine_factory import build_engine
 

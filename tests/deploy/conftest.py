@@ -67,6 +67,7 @@ def fleet():
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
     from ray import serve
+
     from sparsedial.deploy import FleetOptions
     from sparsedial.deploy.app import deploy, server_overrides, start_local_cluster
 

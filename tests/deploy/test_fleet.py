@@ -68,14 +68,13 @@ def test_admin_tier_change_reaches_every_replica(clean):
 
 
 def test_client_disconnect_cancels_the_request(clean):
-    with httpx.Client(base_url=clean.url, timeout=30) as h:
-        with h.stream("POST", "/generate", json={"prompt": "def f():", "max_tokens": 900, "stream": True,
-                                                 "ignore_eos": True}) as s:
-            lines = s.iter_lines()
-            got = [next(lines) for _ in range(6)]
-            assert any(x.startswith("data: ") for x in got)
-            clean.wait(lambda v: sum(x["running"] + x["waiting"] for x in v["replica_reports"]) == 1, 5,
-                       "the request running on a replica")
+    body = {"prompt": "def f():", "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=clean.url, timeout=30) as h, h.stream("POST", "/generate", json=body) as s:
+        lines = s.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(x.startswith("data: ") for x in got)
+        clean.wait(lambda v: sum(x["running"] + x["waiting"] for x in v["replica_reports"]) == 1, 5,
+                   "the request running on a replica")
     t0 = time.monotonic()
     clean.idle(10)  # 900 tokens take far longer than this: the engine cancelled the request
     assert time.monotonic() - t0 < 10

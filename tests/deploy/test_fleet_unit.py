@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 from sparsedial.engine.api import PolicySpec
+
 from sparsedial.deploy.fleet import FleetState, Report, spec_from_dict, spec_to_dict
 from sparsedial.deploy.options import FleetOptions, parse_ladder
 from sparsedial.deploy.replica import merge_metrics
@@ -61,9 +62,10 @@ def test_policy_versions_and_a_restarted_controller():
 
 
 def test_fleet_engine_follows_the_fleet_tier(tmp_path):
-    from sparsedial.deploy.replica import FleetEngine
     from sparsedial.engine import AsyncEngine, EngineConfig
     from sparsedial.engine.sampling import SamplingParams
+
+    from sparsedial.deploy.replica import FleetEngine
     from sparsedial.paths import embedded_models_dir
 
     engine = AsyncEngine(EngineConfig(model=embedded_models_dir() / "stdlib-tiny-elastic", device="cpu",
@@ -134,7 +136,7 @@ def test_the_kuberay_manifest_builds_fleet_options():
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "kuberay-rayservice.yaml").read_text())
     (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == "sparsedial.deploy:app_builder"
-    import sparsedial.deploy as deploy
+    from sparsedial import deploy
 
     assert callable(deploy.app_builder)
     opts = FleetOptions.from_dict(app["args"])

@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--sparse", default="70%", help="the fixed sparse tier")
     ap.add_argument("--ladder", default="4=50%,8=70%", help="fleet auto ladder (fleet load=tier)")
     ap.add_argument("--hysteresis", type=float, default=2.0)
-    ap.add_argument("--no-single", action="store_true", help="skip the 1-replica dense baseline")
+    ap.add_argument("--setups", default="single,dense,sparse,auto",
+                    help="which of single (1 x dense), dense, sparse, auto (2 replicas each) to run")
     ap.add_argument("--write-docs", action="store_true", help="replace the table in docs/deploy.md")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench_fleet.json")
     args = ap.parse_args()
@@ -116,11 +117,11 @@ def main() -> int:
     ladder = parse_ladder(args.ladder)
     auto = {"mode": "load", "default_tier": "dense", "hysteresis": args.hysteresis,
             "ladder": [{"threshold": t, "tier": n} for t, n in ladder]}
-    setups = [(2, "dense", {"mode": "fixed", "default_tier": "dense"}),
-              (2, args.sparse, {"mode": "fixed", "default_tier": args.sparse}),
-              (2, "auto " + args.ladder, auto)]
-    if not args.no_single:
-        setups.insert(0, (1, "dense", {"mode": "fixed", "default_tier": "dense"}))
+    every = {"single": (1, "dense", {"mode": "fixed", "default_tier": "dense"}),
+             "dense": (2, "dense", {"mode": "fixed", "default_tier": "dense"}),
+             "sparse": (2, args.sparse, {"mode": "fixed", "default_tier": args.sparse}),
+             "auto": (2, "auto " + args.ladder, auto)}
+    setups = [every[name] for name in args.setups.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = server_overrides({"model": MODEL, "device": "cpu", "max_running": args.slots, "admin_token": TOKEN})

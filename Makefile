@@ -61,8 +61,9 @@ wheel: setup
 SMOLLM2_QUALITY = $(PY) benchmarks/bench_quality_smollm2.py
 smollm2-quality: setup
 	@test -d $(SMOLLM2_DIR) || { echo "run 'make smollm2' first"; exit 1; }
-	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods dense,epts,sparsegpt,wanda,magnitude
-	$(SMOLLM2_QUALITY) hf-check --model $(SMOLLM2_DIR) --tier 70%
+	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods dense,sparsegpt,wanda,magnitude
+	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods epts-ep2 --epochs 2
+	$(SMOLLM2_QUALITY) hf-check --model $(SMOLLM2_DIR) --epts-name epts-ep2 --tier 70%
 	$(SMOLLM2_QUALITY) report
 
 clean:

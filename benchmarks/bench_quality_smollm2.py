@@ -170,7 +170,8 @@ def run(args) -> None:
                             "config": {**json.loads(json.dumps(asdict(cfg))), "chain": args.chain}})
                 save_results(args, method, res)
             lm, spec, tensors = load_elastic_for_eval(out, loaded=base, allow_external_base=True)
-            for tier in spec.tiers[1:]:
+            order = args.tiers.split(",")  # evaluation order (the most telling tiers first on a short budget)
+            for tier in sorted(spec.tiers[1:], key=lambda t: order.index(t.name) if t.name in order else 99):
                 if tier.name in res["tiers"]:
                     continue
                 with tier_weights(lm.model, spec, tensors, tier) as m:
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -376,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epts-extra", default="", help="more EPTSConfig fields as JSON")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tier", default="70%", help="hf-check: the tier to export")
-    ap.add_argument("--epts-name", default="epts", help="hf-check: the EPTS run to export from")
-    ap.add_argument("--epts-names", default="epts", help="report: EPTS runs to show, the first is compared")
+    ap.add_argument("--epts-name", default="epts-ep2", help="hf-check: the EPTS run to export from")
+    ap.add_argument("--epts-names", default="epts-ep2,epts,epts-msfm70,nested-wanda",
+                    help="report: EPTS runs (and nested-wanda) to show; the first is compared with SparseGPT")
     args = ap.parse_args(argv)
     try:
         {"run": run, "hf-check": hf_check, "report": report}[args.cmd](args)

@@ -279,6 +279,8 @@ def markdown(res: dict, epts_names: list[str]) -> str:
               f"| sparsedial, exported tier | {h['sparsedial_export']['prose']:.3f} | {h['sparsedial_export']['code']:.3f} |\n")
         if el:
             hf += f"| sparsedial, elastic checkpoint (fp32 merge) | {el['prose']:.3f} | {el['code']:.3f} |\n"
+        hf += ("\nThe exported tier's two figures come from the same bf16 weights; the elastic checkpoint's from "
+               "the fp32 merge before that rounding.\n")
     cal, ev = meta["calibration"], meta["eval"]
     tx = meta["texts"]
     texts = "".join(f"| {k} | {len(v['files'])} | {v['chars']:,} | {v['tokens']:,} | `{v['sha256'][:16]}…` |\n"
@@ -287,8 +289,8 @@ def markdown(res: dict, epts_names: list[str]) -> str:
                    for e in epts_names if e in res and "config" in res[e])
     return f"""## SmolLM2-135M-Instruct: every method and tier
 
-Measured by `make smollm2-quality` (benchmarks/bench_quality_smollm2.py) on {meta['machine']}, {meta['threads']}
-torch threads per process. Held-out perplexity on {ev['windows']} windows of {ev['seq_len']} tokens per text,
+Measured by `make smollm2-quality` (benchmarks/bench_quality_smollm2.py) on {meta['machine']}; the wall
+times are from a machine shared with other jobs (see the notes below the table). Held-out perplexity on {ev['windows']} windows of {ev['seq_len']} tokens per text,
 evenly spaced over the held-out split. Calibration: {cal['n_samples']} x {cal['seq_len']} tokens (half prose,
 half code, from the calibration splits only, seed {cal['seed']}). Baselines prune each tier separately from the
 dense model, sequentially block by block; EPTS is ONE elastic checkpoint serving every tier.

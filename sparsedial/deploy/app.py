@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from enum import Enum
@@ -64,6 +65,9 @@ def start_local_cluster(options: FleetOptions, host: str = "127.0.0.1", port: in
     from ray import serve
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's router probes replica queue lengths with a 0.1 s deadline: on a busy small machine that only logs
+    # warnings (the fleet controller answers in ~1 ms, but its event loop shares the cores)
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     most = options.max_replicas if options.autoscale else options.replicas
     cpus = max(os.cpu_count() or 1, math.ceil(most * options.replica_cpus))
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus,
@@ -84,7 +88,11 @@ def run_local(options: FleetOptions, host: str = "127.0.0.1", port: int = 8000) 
     import ray
     from ray import serve
 
+    def _stop(signum, frame):  # SIGTERM (a supervisor, docker stop) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
     start_local_cluster(options, host, port)
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own
     try:
         deploy(options)
         n = f"{options.min_replicas}..{options.max_replicas} (autoscaling)" if options.autoscale else options.replicas

@@ -92,9 +92,24 @@ def _staged_sources() -> tuple[Path, list[Path]]:
 
 
 def _build() -> ModuleType:
+    import fcntl
+
     from torch.utils import cpp_extension
 
     build_dir, sources = _staged_sources()
+    # torch's own build lock is a file that a killed build leaves behind, after which every later load
+    # waits on it forever. Builds are serialized here with flock, which the kernel releases when its holder
+    # dies: whoever holds it is the only sparsedial build of this folder, so a torch lock found then is stale.
+    with open(build_dir / "sparsedial.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing a stale build lock left by an interrupted build: %s", stale)
+            stale.unlink(missing_ok=True)
+        return _load(cpp_extension, build_dir, sources)
+
+
+def _load(cpp_extension, build_dir: Path, sources: list[Path]) -> ModuleType:
     return cpp_extension.load(
         name=EXT_NAME,
         sources=[str(s) for s in sources],

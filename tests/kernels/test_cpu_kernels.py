@@ -163,3 +163,21 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_log_line(monkeypatc
     finally:
         _cpu_ext.reset_for_tests()
         _cpu_ext._state.update(saved)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's build lock file survives a killed build (the next load would wait on it forever); the
+    extension's own flock makes a lock found while holding it stale, and it is removed."""
+    import subprocess
+    import sys
+
+    from sparsedial.kernels import _cpu_ext
+
+    if _cpu_ext.extension() is None:
+        pytest.skip("the extension cannot build here")
+    build_dir, _ = _cpu_ext._staged_sources()
+    (build_dir / "lock").write_text("")  # as a build killed between taking and releasing torch's lock leaves it
+    code = "from sparsedial.kernels import _cpu_ext; assert _cpu_ext.extension() is not None"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "removing a stale build lock" in p.stderr and not (build_dir / "lock").exists()

@@ -29,9 +29,10 @@ torch.set_num_threads(1)
 from sparsedial.engine.runner import EngineConfig, EngineCore
 from sparsedial.engine.sampling import SamplingParams
 model, batches, tiers, new = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], sys.argv[3].split(","), int(sys.argv[4])
+extra = json.loads(sys.argv[5])
 out = {}
 for b in batches:
-    cfg = EngineConfig(model=model, max_batch=b, max_seq_len=64 + new)
+    cfg = EngineConfig(model=model, max_batch=b, max_seq_len=64 + new, **extra)
     core = EngineCore(cfg.load_model(), cfg)
     prompts = [[5 + i, 17, 300, 42, 9, 1000, 77, 3] for i in range(b)]
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -59,9 +60,9 @@ def prepare_base(ref: str, where: Path) -> Path:
     return where
 
 
-def run_tree(tree: Path, model: Path, batches: str, tiers: str, new: int) -> dict[str, float]:
+def run_tree(tree: Path, model: Path, batches: str, tiers: str, new: int, extra: str = "{}") -> dict[str, float]:
     env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", CHILD, str(model), batches, tiers, str(new)],
+    p = subprocess.run([sys.executable, "-c", CHILD, str(model), batches, tiers, str(new), extra],
                        cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"ab_engine: the run in {tree} failed:\n{p.stderr[-2000:]}")
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--tiers", default="dense,50%,2:4")
     ap.add_argument("--new", type=int, default=32, help="tokens decoded per request")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-extra", default="{}", help='EngineConfig fields for the new tree only, as JSON, e.g. '
+                                                      '\'{"cpu_kernels": false}\' to compare like with like')
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = prepare_base(args.base, Path(tmp) / "base")
@@ -86,7 +89,7 @@ def main() -> None:
                 for name in order:
                     tree = trees[name]
                     runs[name].append(run_tree(tree, tree / "models" / "stdlib-tiny-elastic", args.batches,
-                                               args.tiers, args.new))
+                                               args.tiers, args.new, args.new_extra if name == "new" else "{}"))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False,
@@ -94,7 +97,7 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     print(f"engine decode tok/s, median of {args.rounds} alternating rounds, {args.new} new tokens, "
-          f"1 torch thread; base {args.base}, new = working tree at {head}")
+          f"1 torch thread; base {args.base}, new = working tree at {head} with {args.new_extra}")
     print("| tier @ batch | base tok/s | new tok/s | new / base |")
     print("|---|---|---|---|")
     for key in runs["base"][0]:

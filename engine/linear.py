@@ -110,15 +110,23 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 DENSE_BF16_MAX_ROWS = 32
 TILED_MIN_SPARSITY = 0.6
 
-def _cpu_kernels_apply(lin: ElasticLinear, backend: Backend) -> bool:
-    """True when `lin` builds packed CPU tiers: switched on, torch backend, fp32 CPU weights, and the kernels
+def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
+    """True when the packed CPU kernels can serve weight `w`: torch backend, fp32 CPU weights, and the kernels
     run here (where they cannot build, kernels._cpu_ext logs one line and the fp32 path serves)."""
-    w = lin.weight
-    if not (lin.cpu_kernels and backend == Backend.TORCH and w.device.type == "cpu" and w.dtype == torch.float32):
+    if not (backend == Backend.TORCH and w.device.type == "cpu" and w.dtype == torch.float32):
         return False
     from sparsedial.kernels import _cpu_ext
 
     return _cpu_ext.available()
+
+
+def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:
+    """A dense weight on the CPU kernel path: `w` itself for prefill (fp32 MKL), a bf16 copy that the dense
+    bf16 kernel reads for up to DENSE_BF16_MAX_ROWS rows (decode)."""
+    from sparsedial.kernels.cpu_formats import pack_dense_bf16
+
+    packed = pack_dense_bf16(w.contiguous())
+    return TierWeights(weight=w, cpu=packed, cpu_max_rows=DENSE_BF16_MAX_ROWS, nbytes=packed.nbytes)
 
 
 def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:
@@ -137,41 +145,29 @@ def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> obj
 
 class PackedHead(nn.Module):
     """The LM head on the CPU kernel path: the same fp32 `weight` (tied to the embedding when the model
-    ties them; parameter names as `nn.Linear`'s) plus a bf16 copy that the dense bf16 kernel reads for up to
-    DENSE_BF16_MAX_ROWS rows (a decode step); longer inputs use fp32 MKL. At decode the head is one of the
-    largest matrices a step streams (the vocabulary x hidden), so halving its bytes matters at every tier."""
+    ties them; parameter names as `nn.Linear`'s) served as a dense CPU tier (`_dense_cpu_tier`: a bf16 copy
+    for decode, fp32 MKL above). At decode the head is one of the largest matrices a step streams (the
+    vocabulary x hidden), so halving its bytes matters at every tier."""
 
     def __init__(self, head: nn.Linear) -> None:
         super().__init__()
         self.weight = head.weight
         self.bias = head.bias
         self.in_features, self.out_features = head.in_features, head.out_features
-        from sparsedial.kernels.cpu_formats import pack_dense_bf16
-
-        self.packed = pack_dense_bf16(head.weight.detach().contiguous())
+        self.tier = _dense_cpu_tier(head.weight)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes
+        return self.tier.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= DENSE_BF16_MAX_ROWS * x.shape[-1]:
-            from sparsedial.kernels.cpu_dispatch import cpu_linear
-
-            return cpu_linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.tier.apply(x, self.bias)
 
 
 def packed_head(head: nn.Module, backend: Backend) -> PackedHead | None:
-    """A PackedHead for `head` when the CPU kernels serve this model (fp32 nn.Linear on a CPU, torch backend,
-    the extension available), else None."""
-    w = getattr(head, "weight", None)
-    if not (isinstance(head, nn.Linear) and backend == Backend.TORCH and w is not None
-            and w.device.type == "cpu" and w.dtype == torch.float32):
-        return None
-    from sparsedial.kernels import _cpu_ext
-
-    return PackedHead(head) if _cpu_ext.available() else None
+    """A PackedHead for `head` when the CPU kernels can serve it (an nn.Linear), else None."""
+    ok = isinstance(head, nn.Linear) and _cpu_kernels_serve(head.weight, backend)
+    return PackedHead(head) if ok else None
 
 
 def serving_layout(w: torch.Tensor) -> torch.Tensor:
@@ -230,12 +226,10 @@ class ElasticLinear(nn.Module):
         """This linear's weights for `tier` on `backend`, not stored: it only reads the base weight and the
         maps, so another thread may build a tier while forwards run (engine/tier_builder.py)."""
         maps = self.maps
-        cpu = _cpu_kernels_apply(self, backend)
+        cpu = self.cpu_kernels and _cpu_kernels_serve(self.weight, backend)
         if maps is None or tier.kind is TierKind.DENSE and not tier.lora_groups:
             if cpu and maps is not None:  # the base weight for prefill, a bf16 copy for decode
-                packed = _cpu_pack(self.weight, None, tier)
-                return TierWeights(weight=self.weight, cpu=packed, cpu_max_rows=DENSE_BF16_MAX_ROWS,
-                                   nbytes=packed.nbytes)
+                return _dense_cpu_tier(self.weight)
             return TierWeights(weight=self.weight)  # shares the base weight: no memory
         w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         if cpu:

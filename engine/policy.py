@@ -24,8 +24,7 @@ class TierPolicy:
 
     def __init__(self, spec: PolicySpec, resolve: Resolve) -> None:
         """`resolve` maps a tier request to a TierSpec (raising UnknownTierError), e.g. ElasticModel.resolve."""
-        self.spec = validate_policy(spec, resolve)
-        self._tiers = [resolve(self.spec.default_tier)] + [resolve(t) for _, t in self.spec.ladder]
+        self.spec, self._tiers = _validated(spec, resolve)  # _tiers[level]: the tier of each ladder level
         self.level = 0
 
     @property
@@ -48,6 +47,11 @@ class TierPolicy:
 def validate_policy(spec: PolicySpec, resolve: Resolve) -> PolicySpec:
     """Check a PolicySpec; return it with enums for its modes and tier requests replaced by canonical names.
     ValueError names the field."""
+    return _validated(spec, resolve)[0]
+
+
+def _validated(spec: PolicySpec, resolve: Resolve) -> tuple[PolicySpec, list[TierSpec]]:
+    """validate_policy, plus the resolved tier of each level (default first, then the ladder's)."""
     mode = parse(PolicyMode, spec.mode, "policy mode")
     signal = parse(LoadSignal, spec.signal, "policy signal")
     if spec.hysteresis < 0:
@@ -55,7 +59,7 @@ def validate_policy(spec: PolicySpec, resolve: Resolve) -> PolicySpec:
     default = resolve(spec.default_tier)
     if default is None:
         raise ValueError("policy default_tier must be a tier, not 'auto'")
-    ladder = []
+    ladder, tiers = [], [default]
     for threshold, tier in spec.ladder:
         name = resolve(tier)
         if name is None:
@@ -65,7 +69,8 @@ def validate_policy(spec: PolicySpec, resolve: Resolve) -> PolicySpec:
         if ladder and threshold <= ladder[-1][0]:
             raise ValueError(f"policy ladder thresholds must increase; {threshold!r} follows {ladder[-1][0]!r}")
         ladder.append((float(threshold), name.name))
+        tiers.append(name)
     if mode is PolicyMode.LOAD and not ladder:
         raise ValueError("policy mode 'load' needs a non-empty ladder")
     return PolicySpec(mode=mode, default_tier=default.name, ladder=tuple(ladder), signal=signal,
-                      hysteresis=float(spec.hysteresis))
+                      hysteresis=float(spec.hysteresis)), tiers

@@ -106,18 +106,9 @@ def _build() -> ModuleType:
         if stale.exists():
             log.warning("removing a stale build lock left by an interrupted build: %s", stale)
             stale.unlink(missing_ok=True)
-        return _load(cpp_extension, build_dir, sources)
-
-
-def _load(cpp_extension, build_dir: Path, sources: list[Path]) -> ModuleType:
-    return cpp_extension.load(
-        name=EXT_NAME,
-        sources=[str(s) for s in sources],
-        extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+        return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in sources],
+                                  extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
+                                  build_directory=str(build_dir), verbose=False)
 
 
 def _unavailable(why: str) -> None:

@@ -86,6 +86,14 @@ def launch_tiled(gemv, gemv_tuned, dot, dot_tuned, args, kind, m, n, config, IEE
 
 
 @triton.jit
+def split_k_range(K, pid_s, SPLIT_K, BLOCK_K: tl.constexpr):
+    """The K range [k_lo, k_hi) of split `pid_s` of SPLIT_K: its own run of whole BLOCK_K steps."""
+    k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * k_chunk
+    return k_lo, tl.minimum(K, k_lo + k_chunk)
+
+
+@triton.jit
 def store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s, lock_id,
                   SPLIT_K, HAS_BIAS: tl.constexpr):
     """Store acc [BLOCK_M, BLOCK_N] (fp32) of split pid_s; with SPLIT_K > 1 the last split to finish sums all.

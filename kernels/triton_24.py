@@ -31,7 +31,7 @@ from ._launch import (
     flatten_rows,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, launch_gemv, launch_tiled, store_split_k
+from ._triton_util import autotune_bench, launch_gemv, launch_tiled, split_k_range, store_split_k
 from .formats import Packed24
 from .reference import check_linear_inputs
 
@@ -111,9 +111,7 @@ def _gemv_24_kernel(
     half = K // 2
     n_words = (half + 15) // 16
     SPLIT_K = tl.num_programs(1)  # split-K: each split walks its own run of whole K steps
-    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s * K_CHUNK
-    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     # 32-bit offsets (the launcher checks N * K / 2 < 2**31)
     v_rows = values_ptr + (offs_n * half)[:, None, None]
     m_rows = meta_ptr + (offs_n * n_words)[:, None]
@@ -161,9 +159,7 @@ def _gemv_24_expand_kernel(
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     SPLIT_K = tl.num_programs(1)
-    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s * K_CHUNK
-    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     G: tl.constexpr = BLOCK_K // 4

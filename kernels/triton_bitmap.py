@@ -28,7 +28,7 @@ from ._launch import (
     flatten_rows,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, store_split_k
+from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, split_k_range, store_split_k
 from .formats import PackedBitmap, bitmap_word_offsets
 from .reference import check_linear_inputs
 
@@ -95,9 +95,7 @@ def _gemv_bitmap_kernel(
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     SPLIT_K = tl.num_programs(1)
-    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s * K_CHUNK
-    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -153,9 +151,7 @@ def _gemv_bitmap_popc_kernel(
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     SPLIT_K = tl.num_programs(1)
-    K_CHUNK = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s * K_CHUNK
-    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N

@@ -15,8 +15,8 @@ Backends of a materialized tier (`TierWeights`):
 - `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default; the
   `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
-  unstructured tiers >= TILED_MIN_SPARSITY as `PackedTiled`, 2:4 as bf16 `Packed24`, lower sparsities as
-  a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
+  unstructured tiers >= TILED_MIN_SPARSITY as `PackedTiled`, 2:4 and tiers >= BITMASK_MIN_SPARSITY as
+  `PackedBitmask`, lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
   MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
 
@@ -42,7 +42,7 @@ class TierWeights:
     packed: object | None = None  # kernels.Packed24 | kernels.PackedBitmap
     csr: torch.Tensor | None = None  # CSR copy of `weight` (CPU, >= 80% sparse), used for >= csr_min_rows rows
     csr_min_rows: int = 0
-    cpu: object | None = None  # kernels.PackedDense | PackedTiled | Packed24 (bf16): the CPU kernel's weight
+    cpu: object | None = None  # kernels.PackedDense | PackedBitmask | PackedTiled: the CPU kernel's weight
     cpu_max_rows: int | None = None  # use `cpu` up to this many rows (None: always), `weight` above
     lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
     lora_b: torch.Tensor | None = None  # [out, r]  scale folded in
@@ -103,12 +103,15 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 
 
 # ------------------------------------------------------------------------------- CPU packed tiers
-# (issue 12) Chosen from benchmarks/bench_cpu_decode.py (docs/benchmarks.md, "CPU kernels"): on the machines
-# measured the bf16 dense kernel beats fp32 MKL from 1 to 32 rows and MKL wins at prefill sizes; the tiled
-# kernel beats the bf16 dense kernel from about 60% sparsity at one row (below, its gathers cost more than
-# the bytes they save, so lower tiers are a masked bf16 dense weight).
+# (issue 12) Chosen from benchmarks/bench_cpu_kernels.py (docs/benchmarks.md, "CPU kernels"): on the machines
+# measured the bf16 dense kernel beats fp32 MKL from 1 to 32 rows and MKL wins at prefill sizes. Sparse
+# tiers: the bitmask kernel (bytes ~ kept weights, dense FMAs) from BITMASK_MIN_SPARSITY and for 2:4 (the
+# same bytes as a 2:4 format, faster than its own kernel); the tiled kernel (work ~ kept weights) from
+# TILED_MIN_SPARSITY, where it wins at 4+ rows; lower sparsities stay a masked bf16 dense weight (at 30%
+# the bitmask saves little at one row and loses at eight).
 DENSE_BF16_MAX_ROWS = 32
-TILED_MIN_SPARSITY = 0.6
+BITMASK_MIN_SPARSITY = 0.45
+TILED_MIN_SPARSITY = 0.85
 
 def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
     """True when the packed CPU kernels can serve weight `w`: torch backend, fp32 CPU weights, and the kernels
@@ -131,15 +134,15 @@ def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:
 
 def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:
     """The packed CPU format of a tier's merged weight `w` [out, in] (zeros where `mask` drops)."""
-    from sparsedial.kernels.cpu_formats import pack_24_bf16, pack_dense_bf16, pack_tiled
+    from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
 
     w = w.contiguous()
     if mask is None:
         return pack_dense_bf16(w)
-    if tier.kind is TierKind.NM and w.shape[1] % 4 == 0:
-        return pack_24_bf16(w, mask)
-    if tier.sparsity >= TILED_MIN_SPARSITY - 1e-9 or tier.kind is TierKind.NM:
+    if tier.kind is not TierKind.NM and tier.sparsity >= TILED_MIN_SPARSITY - 1e-9:
         return pack_tiled(w, mask)
+    if tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
+        return pack_bitmask(w, mask)
     return pack_dense_bf16(w)  # already masked: zeros stored
 
 

@@ -5,10 +5,11 @@ first time it is called in a fresh cache and loads the cached build afterwards (
 $TORCH_EXTENSIONS_DIR when set, else ~/.cache/sparsedial/torch_extensions/<torch version>, one folder per
 sha256 of the sources (`_staged_sources`). Each ISA unit
 is one translation unit compiled for its instruction set (a `#pragma GCC target` at its top, equivalent to
-`-mavx2 -mfma` / `-mavx512f -mavx512bw -mavx512vl` for that file alone); ext.cpp is baseline x86-64 and
+`-mavx2 -mfma -mpopcnt` / `... -mavx512f -mavx512bw -mavx512vl -mavx512vpopcntdq` for that file alone); ext.cpp is baseline x86-64 and
 calls the unit that `isa()` names:
 
-* ``avx512`` when the CPU has AVX-512 F/BW/VL, else ``avx2`` when it has AVX2 + FMA, else none;
+* ``avx512`` when the CPU has AVX-512 F/BW/VL/VPOPCNTDQ (Ice Lake, Sapphire Rapids, Zen 4 and later), else
+  ``avx2`` when it has AVX2 + FMA + POPCNT, else none;
 * ``SPARSEDIAL_CPU_ISA=avx2`` (or ``avx512``) forces one (tests force the AVX2 path on AVX-512 machines; a
   forced ISA the CPU lacks is an error), ``SPARSEDIAL_CPU_ISA=none`` disables the kernels.
 
@@ -18,6 +19,7 @@ logs ONE line saying why; every launcher then runs its torch reference (same res
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -48,23 +50,24 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "sparsedial" / "torch_extensions" / version
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's flags from /proc/cpuinfo (empty where there is none)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags from /proc/cpuinfo (empty where there is none); read once (every launch asks)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
-def supported_isas(flags: set[str] | None = None) -> list[str]:
+def supported_isas(flags: frozenset[str] | set[str] | None = None) -> list[str]:
     """The ISA paths this CPU runs, widest first."""
     flags = cpu_flags() if flags is None else flags
     out = []
-    if {"avx2", "fma"} <= flags:
-        if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+    if {"avx2", "fma", "popcnt"} <= flags:
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq"} <= flags:
             out.append("avx512")
         out.append("avx2")
     return out

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_24 import linear_24_cpu
+from .cpu_bitmask import linear_bitmask_cpu
 from .cpu_dense import linear_dense_bf16_cpu
-from .cpu_formats import PackedDense, PackedTiled
+from .cpu_formats import PackedBitmask, PackedDense, PackedTiled
 from .cpu_tiled import linear_tiled_cpu
-from .formats import Packed24
 
 __all__ = ["CpuPacked", "cpu_linear"]
 
-CpuPacked = PackedDense | PackedTiled | Packed24
+CpuPacked = PackedDense | PackedBitmask | PackedTiled
 
 
 def cpu_linear(x: torch.Tensor, packed: CpuPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for a CPU-packed W: the C++ kernel, or its torch reference where it cannot run."""
+    if isinstance(packed, PackedBitmask):
+        return linear_bitmask_cpu(x, packed, bias)
     if isinstance(packed, PackedTiled):
         return linear_tiled_cpu(x, packed, bias)
     if isinstance(packed, PackedDense):
         return linear_dense_bf16_cpu(x, packed, bias)
-    if isinstance(packed, Packed24):
-        return linear_24_cpu(x, packed, bias)
     raise ValueError(f"not a CPU packed weight: {type(packed).__name__}")

@@ -5,17 +5,22 @@ format the CPU kernels of kernels/cpu/ read; x, the accumulation and y stay fp32
 bf16 (round to nearest even) and is otherwise exact: ``unpack(pack(W, mask)) == (W * mask).bfloat16()``.
 
 * ``PackedDense`` (dense tiers): bf16 ``[N, K]`` row-major, 2 bytes/weight.
-* ``PackedTiled`` (unstructured tiers): each row's kept weights grouped by K-tiles of ``tile`` (256)
+* ``PackedBitmask`` (unstructured tiers from 45% and 2:4): one 16-bit mask per 16 inputs and the kept
+  values, in blocks of 4 output rows, each block one sequential run of bytes in the kernel's reading order;
+  2 (1 - s) + 0.125 bytes/weight: 50% -> 1.125, 70% -> 0.725, 2:4 -> 1.125. Its kernel expands each 16
+  inputs to a dense vector (the FMAs stay dense), so it wins wherever the bytes bound the matmul (one to a
+  few rows of x).
+* ``PackedTiled`` (unstructured tiers from 85%): each row's kept weights grouped by K-tiles of ``tile`` (256)
   inputs; per (row, tile) a segment of bf16 values + a one-byte column inside the tile, padded to a
   multiple of 8 entries (value 0, column 0) so kernels run whole vectors; segments are stored row after
   row, so a block of output rows is one contiguous run of bytes. 3 bytes per kept weight + padding
   (about 3.5 entries per segment: ~0.04 bytes/weight at tile 256) + a 4-byte segment offset per tile
-  (0.016): 70% -> ~0.96 bytes/weight, 90% -> ~0.35, 50% -> ~1.56 (fp32 dense: 4, bf16 dense: 2).
-  Chosen over the bitmap (2 (1 - s) + 0.125 bytes) because its kernel's work scales with the kept weights
-  (gather of x by column at one row, one broadcast FMA per kept weight over the batch rows), while a bitmap
-  kernel expands every 8 inputs whatever the sparsity; measured in docs/benchmarks.md, "CPU kernels".
-* 2:4 tiers use ``formats.Packed24`` with bf16 values (``pack_24_bf16``): values ``[N, K/2]`` + 2-bit
-  in-group positions, 1.125 bytes/weight; the kernel reads the meta words as bytes (4 positions each).
+  (0.016): 90% -> ~0.35 bytes/weight. Its kernel's work scales with the kept weights (gathers of x by
+  column at one row, one broadcast FMA per kept weight over the batch rows), which wins over the bitmask
+  at 4+ rows once few weights are kept.
+
+Which tier gets which format is engine/linear.py's choice (``_cpu_pack``), from the measurements in
+docs/benchmarks.md, "CPU kernels".
 """
 
 from __future__ import annotations
@@ -25,18 +30,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .formats import Packed24, _check_mask, _check_weight, pack_24, unpack_24
+from .formats import _check_mask, _check_weight
 
 __all__ = [
     "TILE",
+    "PackedBitmask",
     "PackedDense",
     "PackedTiled",
-    "linear_24_bf16_reference",
+    "linear_bitmask_reference",
     "linear_dense_bf16_reference",
     "linear_tiled_reference",
-    "pack_24_bf16",
+    "pack_bitmask",
     "pack_dense_bf16",
     "pack_tiled",
+    "unpack_bitmask",
     "unpack_dense",
     "unpack_tiled",
 ]
@@ -147,10 +154,69 @@ def unpack_tiled(packed: PackedTiled) -> torch.Tensor:
     return dense[:, :k].to(torch.bfloat16)
 
 
-def pack_24_bf16(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
-    """``formats.pack_24`` with the values rounded to bf16 first (the CPU 2:4 kernel's format)."""
+_GROUP = 16  # inputs per mask word
+_ROWS = 4  # output rows per block (kernels/cpu/sd_cpu.h, kBitmaskRows)
+_PAD = 16  # zero values after the last block: the kernels load 16 values from any position
+
+
+@dataclass(frozen=True)
+class PackedBitmask:
+    """A sparse weight as 16-bit masks per 16 inputs and the kept values (bf16), in blocks of 4 output rows.
+
+    One block is one sequential run of bytes in the order the kernel reads it: per 16 inputs g, the 4 rows'
+    masks side by side, and per g the 4 rows' kept values one row after the other.
+
+    values:    [L + 16] bf16, block by block, group by group, row by row, inputs ascending; then 16 zeros.
+    masks:     [ceil(N / 4), ceil(K / 16), 4] int16 (the 16 bits of the word): bit j of masks[b, g, i] says
+               input 16 g + j of row 4 b + i is kept (rows past N: no bits).
+    block_ptr: [ceil(N / 4) + 1] int64, start of each block's values.
+    shape:     (N, K).
+    """
+
+    values: torch.Tensor
+    masks: torch.Tensor
+    block_ptr: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.values, self.masks, self.block_ptr))
+
+
+def _blocked(t: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """[N, K] -> [N/4, G, 4, 16] (zero padded): the bitmask format's order of positions."""
+    n, k = t.shape
+    t = F.pad(t, (0, groups * _GROUP - k, 0, rows - n))
+    return t.reshape(rows // _ROWS, _ROWS, groups, _GROUP).transpose(1, 2)
+
+
+def pack_bitmask(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedBitmask:
+    """Pack ``weight * mask`` (mask None: the nonzeros of weight) into the bitmask format, values as bf16."""
     _check_weight(weight)
-    return pack_24(weight.detach().to(torch.bfloat16), mask)
+    n, k = weight.shape
+    keep = _check_mask(mask, weight)
+    groups, rows = -(-k // _GROUP), -(-n // _ROWS) * _ROWS
+    keep_b = _blocked(keep, rows, groups)  # [B, G, 4, 16]
+    bits = torch.ones((), dtype=torch.int32, device=weight.device) << torch.arange(
+        _GROUP, dtype=torch.int32, device=weight.device)
+    words = (keep_b.to(torch.int32) * bits).sum(-1)  # [B, G, 4]
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)  # the same 16 bits
+    block_ptr = torch.zeros(rows // _ROWS + 1, dtype=torch.int64, device=weight.device)
+    block_ptr[1:] = keep_b.sum((1, 2, 3)).cumsum(0)
+    kept = _blocked(weight.detach().to(torch.bfloat16), rows, groups)[keep_b]  # in the format's order
+    values = torch.cat([kept, torch.zeros(_PAD, dtype=torch.bfloat16, device=weight.device)])
+    return PackedBitmask(values, words.contiguous(), block_ptr, (n, k))
+
+
+def unpack_bitmask(packed: PackedBitmask) -> torch.Tensor:
+    """Dense [N, K] bf16 weight with zeros at the dropped positions."""
+    n, k = packed.shape
+    blocks, groups, _ = packed.masks.shape
+    bits = torch.ones((), dtype=torch.int32) << torch.arange(_GROUP, dtype=torch.int32)
+    keep_b = ((packed.masks.to(torch.int32) & 0xFFFF).unsqueeze(-1) & bits) != 0  # [B, G, 4, 16]
+    dense_b = torch.zeros(keep_b.shape, dtype=torch.bfloat16, device=packed.values.device)
+    dense_b[keep_b] = packed.values[: int(packed.block_ptr[-1])]
+    return dense_b.transpose(1, 2).reshape(blocks * _ROWS, groups * _GROUP)[:n, :k]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +244,6 @@ def linear_tiled_reference(x: torch.Tensor, packed: PackedTiled, bias: torch.Ten
     return _linear(x, unpack_tiled(packed), bias)
 
 
-def linear_24_bf16_reference(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None):
+def linear_bitmask_reference(x: torch.Tensor, packed: PackedBitmask, bias: torch.Tensor | None = None):
     _check_x(x, packed.shape, bias)
-    return _linear(x, unpack_24(packed), bias)
+    return _linear(x, unpack_bitmask(packed), bias)

@@ -15,11 +15,11 @@ constexpr int64_t kGrain = 16;  // output rows per task at least
 
 bool cpu_has(const std::string& isa) {
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
   if (isa == "avx2") return avx2;
   if (isa == "avx512")
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq");
   return false;
 }
 
@@ -90,17 +90,22 @@ at::Tensor tiled(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& 
   return y;
 }
 
-at::Tensor nm24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, int64_t K,
-                const c10::optional<at::Tensor>& bias, const std::string& isa) {
+at::Tensor bitmask(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& masks, const at::Tensor& block_ptr,
+                   int64_t N, int64_t K, const c10::optional<at::Tensor>& bias, const std::string& isa) {
   const bool wide = use_512(isa);
   check_x(x, K);
-  TORCH_CHECK(K % 4 == 0 && vals.dim() == 2 && vals.size(1) == K / 2, "vals must be [N, K/2] with K % 4 == 0");
-  const int64_t N = vals.size(0), M = x.size(0);
-  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == N && meta.size(1) >= (K / 2 + 3) / 4, "meta must be [N, >= K/8] bytes");
+  const int64_t R = sdcpu::kBitmaskRows, blocks = (N + R - 1) / R, G = (K + 15) / 16, M = x.size(0);
+  TORCH_CHECK(masks.dim() == 3 && masks.size(0) == blocks && masks.size(1) == G && masks.size(2) == R,
+              "masks must be [ceil(N / 4), ceil(K / 16), 4] 16-bit words");
+  TORCH_CHECK(block_ptr.numel() == blocks + 1, "block_ptr must have ceil(N / 4) + 1 entries");
+  const int64_t* bp = ptr_of<int64_t>(block_ptr, at::kLong, "block_ptr");
+  TORCH_CHECK(vals.dim() == 1 && vals.numel() >= bp[blocks] + 16, "vals must hold the kept values + 16 padding entries");
   at::Tensor y = at::empty({M, N}, x.options());
-  sdcpu::NM24Args a{x.data_ptr<float>(), M, K, N, ptr_of<uint16_t>(vals, at::kBFloat16, "vals"),
-                    ptr_of<uint8_t>(meta, at::kByte, "meta"), meta.size(1), bias_ptr(bias, N), y.data_ptr<float>()};
-  if (M > 0) run_rows(a, N, wide ? sdcpu_avx512::nm24 : sdcpu_avx2::nm24);
+  sdcpu::BitmaskArgs a{x.data_ptr<float>(), M, K, N, G, ptr_of<uint16_t>(vals, at::kBFloat16, "vals"),
+                       ptr_of<uint16_t>(masks, at::kShort, "masks"), bp, bias_ptr(bias, N), y.data_ptr<float>()};
+  if (M > 0)
+    at::parallel_for(0, blocks, (kGrain + R - 1) / R,
+                     [&](int64_t b, int64_t e) { (wide ? sdcpu_avx512::bitmask : sdcpu_avx2::bitmask)(a, b, e); });
   return y;
 }
 
@@ -110,5 +115,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has", &cpu_has, "True when this CPU runs the kernels of `isa` ('avx2' or 'avx512')");
   m.def("dense_bf16", &dense_bf16);
   m.def("tiled", &tiled);
-  m.def("nm24", &nm24);
+  m.def("bitmask", &bitmask);
 }

@@ -1,6 +1,6 @@
 // The CPU kernels, compiled once per instruction set: isa_avx2.cpp and isa_avx512.cpp each set a target
 // pragma, SDCPU_NS (their namespace) and SDCPU_W (fp32 lanes of the main vector: 8 or 16), then include
-// this file. Everything here has internal linkage except the three entry points declared in sd_cpu.h.
+// this file. Everything here has internal linkage except the four entry points declared in sd_cpu.h.
 // Weights are bf16 (raw uint16 bits, widened exactly to fp32 by a 16-bit shift); x, accumulators and y are
 // fp32. Each entry point computes output rows [n0, n1) for every row of x; ext.cpp splits N over threads.
 #include <immintrin.h>
@@ -11,7 +11,7 @@
 namespace {
 
 using sdcpu::DenseArgs;
-using sdcpu::NM24Args;
+using sdcpu::BitmaskArgs;
 using sdcpu::TiledArgs;
 
 inline float bf2f(uint16_t h) {
@@ -175,68 +175,239 @@ inline void tiled_mq(const TiledArgs& a, int64_t n, int64_t c) {
   }
 }
 
-// ================================================================================ 2:4
-// One meta byte = 4 two-bit positions = 2 groups = 8 inputs. Lut24[b][p]: which of the 4 values lands on
-// input p (0..3), with bit 31 set where input p is dropped (vpermps reads the low 3 bits; srai 31 -> mask).
-struct Lut24 { int32_t idx[256][8]; };
-constexpr Lut24 make_lut24() {
-  Lut24 t{};
+// ================================================================================ bitmask (expand)
+// Blocks of 4 output rows; per 16 inputs, the block's 4 mask words (one 8-byte load) and, right after the
+// previous group's, the kept values of its rows one after the other: one strictly sequential stream per
+// block (four interleaved row streams measured 3x slower from DRAM: the prefetchers lose them).
+// Each row's values are widened and expanded into a dense vector (zeros at dropped inputs) that feeds MB
+// rows of x like the dense kernel's weight vector: the bytes read scale with the kept weights (2 per value
+// + 1/8 per input), the FMAs stay dense. AVX-512: lane j takes value popcount(mask & (2^j - 1)) (vpopcntd
+// on the broadcast mask) through one zero-masked vpermps (vexpandps does the same in one instruction but
+// measured 2.5x slower on the AMD EPYC of docs/benchmarks.md). AVX2: per 8 inputs a pshufb control from a
+// 256-entry table (one per mask byte) places the values, then the 8 words are widened.
+constexpr int kBmRows = sdcpu::kBitmaskRows;
+#if SDCPU_W == 16
+// Rows r0 .. r0 + NR of block `blk` times rows m0 .. m0 + MB of x, weights expanded in registers.
+template <int NR, int MB>
+inline void bitmask_tile(const BitmaskArgs& a, int64_t blk, int r0, int64_t m0, int rows) {
+  const int64_t K = a.K, G = a.G;
+  const float* x = a.x + m0 * K;
+  const uint16_t* gp = a.vals + a.block_ptr[blk];  // the current group's first value
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * G;
+  const uint64_t before = r0 ? (uint64_t{1} << (16 * r0)) - 1 : 0;  // mask bits of the rows before r0
+  vf acc[NR][MB];
+  for (int i = 0; i < NR; ++i)
+    for (int b = 0; b < MB; ++b) acc[i][b] = vzero();
+  const __m512i below = _mm512_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767);
+  const int64_t full = K / 16;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k = 16 * g;
+    vf xv[MB];
+    if (g < full) {
+      for (int b = 0; b < MB; ++b) xv[b] = vld(x + b * K + k);
+    } else {
+      const __mmask16 t = static_cast<__mmask16>((1u << (K - k)) - 1);
+      for (int b = 0; b < MB; ++b) xv[b] = _mm512_maskz_loadu_ps(t, x + b * K + k);
+    }
+    const uint64_t m4 = mp[g];
+    const uint16_t* vp = gp + __builtin_popcountll(m4 & before);
+    gp += __builtin_popcountll(m4);
+    for (int i = 0; i < NR; ++i) {
+      const uint32_t m = static_cast<uint32_t>(m4 >> (16 * (r0 + i))) & 0xffff;
+      const vf v = vld_bf16(vp);
+      vp += __builtin_popcount(m);
+      const __m512i idx = _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(static_cast<int>(m)), below));
+      const vf w = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(m), idx, v);
+      for (int b = 0; b < MB; ++b) acc[i][b] = vfma(w, xv[b], acc[i][b]);
+    }
+  }
+  for (int i = 0; i < NR && r0 + i < rows; ++i)
+    for (int b = 0; b < MB; ++b) {
+      const int64_t n = blk * kBmRows + r0 + i;
+      float s = vsum(acc[i][b]);
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + b) * a.N + n] = s;
+    }
+}
+constexpr int kBmMB = 4;
+#else
+struct LutExpand { uint8_t c[256][16]; };
+constexpr LutExpand make_lut_expand() {
+  LutExpand t{};
   for (int b = 0; b < 256; ++b) {
+    int cnt = 0;
     for (int p = 0; p < 8; ++p) {
-      const int g = p / 4, slot = p % 4;
-      const int i0 = (b >> (4 * g)) & 3, i1 = (b >> (4 * g + 2)) & 3;
-      int v = -1;
-      if (i0 == slot) v = 2 * g;
-      else if (i1 == slot) v = 2 * g + 1;
-      t.idx[b][p] = v < 0 ? static_cast<int32_t>(0x80000000u) : v;
+      const bool on = (b >> p) & 1;
+      t.c[b][2 * p] = on ? static_cast<uint8_t>(2 * cnt) : 0x80;
+      t.c[b][2 * p + 1] = on ? static_cast<uint8_t>(2 * cnt + 1) : 0x80;
+      cnt += on;
     }
   }
   return t;
 }
-alignas(64) constexpr Lut24 kLut24 = make_lut24();
+alignas(64) constexpr LutExpand kLutExpand = make_lut_expand();
 
-inline __m256 expand24(__m256 vals, uint8_t byte, __m256i add) {
-  const __m256i idx = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kLut24.idx[byte])), add);
-  const __m256 drop = _mm256_castsi256_ps(_mm256_srai_epi32(idx, 31));
-  return _mm256_andnot_ps(drop, _mm256_permutevar8x32_ps(vals, idx));
+inline __m256 bm_next8(const uint16_t*& vp, uint32_t byte) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vp));
+  const __m128i e = _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(kLutExpand.c[byte])));
+  vp += __builtin_popcount(byte);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e), 16));
 }
-
-template <int MB>
-inline void nm24_tile(const NM24Args& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, N = a.N;
+template <int NR, int MB>
+inline void bitmask_tile(const BitmaskArgs& a, int64_t blk, int r0, int64_t m0, int rows) {
+  const int64_t K = a.K, G = a.G;
   const float* x = a.x + m0 * K;
-  const uint16_t* v = a.vals + n * (K / 2);
-  const uint8_t* mt = a.meta + n * a.meta_stride;
-  const __m256i zero = _mm256_setzero_si256(), four = _mm256_set1_epi32(4);
-  __m256 acc0[MB], acc1[MB];
-  for (int b = 0; b < MB; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 vv = ld8_bf16(v + k / 2);
-    const __m256 w0 = expand24(vv, mt[k / 8], zero);
-    const __m256 w1 = expand24(vv, mt[k / 8 + 1], four);
-    for (int b = 0; b < MB; ++b) {
-      acc0[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * K + k), acc0[b]);
-      acc1[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + b * K + k + 8), acc1[b]);
+  const uint16_t* gp = a.vals + a.block_ptr[blk];
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * G;
+  const uint64_t before = r0 ? (uint64_t{1} << (16 * r0)) - 1 : 0;
+  __m256 acc[NR][MB];
+  for (int i = 0; i < NR; ++i)
+    for (int b = 0; b < MB; ++b) acc[i][b] = _mm256_setzero_ps();
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint64_t m4 = mp[g];
+    // the group's values are row 0's, row 1's...: the second half of a row starts after its first half
+    const uint16_t* rv[NR];
+    const uint16_t* vp = gp + __builtin_popcountll(m4 & before);
+    gp += __builtin_popcountll(m4);
+    for (int i = 0; i < NR; ++i) {
+      rv[i] = vp;
+      vp += __builtin_popcount(static_cast<uint32_t>(m4 >> (16 * (r0 + i))) & 0xffff);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = 16 * g + 8 * h;
+      if (k >= K) break;
+      __m256 xv[MB];
+      if (k + 8 <= K) {
+        for (int b = 0; b < MB; ++b) xv[b] = _mm256_loadu_ps(x + b * K + k);
+      } else {
+        const __m256i t = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K - k)), lanes);
+        for (int b = 0; b < MB; ++b) xv[b] = _mm256_maskload_ps(x + b * K + k, t);
+      }
+      for (int i = 0; i < NR; ++i) {
+        const __m256 w = bm_next8(rv[i], static_cast<uint32_t>(m4 >> (16 * (r0 + i) + 8 * h)) & 0xff);
+        for (int b = 0; b < MB; ++b) acc[i][b] = _mm256_fmadd_ps(w, xv[b], acc[i][b]);
+      }
     }
   }
-  for (int b = 0; b < MB; ++b) {
-    float s = hsum8(_mm256_add_ps(acc0[b], acc1[b]));
-    for (int64_t j = k / 2; j < K / 2; ++j) {  // tail: fewer than 4 groups
-      const int pos = (mt[j / 4] >> (2 * (j % 4))) & 3;
-      s += bf2f(v[j]) * x[b * K + 4 * (j / 2) + pos];
+  for (int i = 0; i < NR && r0 + i < rows; ++i)
+    for (int b = 0; b < MB; ++b) {
+      const int64_t n = blk * kBmRows + r0 + i;
+      float s = hsum8(acc[i][b]);
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + b) * a.N + n] = s;
     }
-    if (a.bias) s += a.bias[n];
-    a.y[(m0 + b) * N + n] = s;
+}
+constexpr int kBmMB = 2;
+#endif
+
+// Direct (register) passes for small M: NR rows of the block per pass so NR x M accumulators fit the
+// registers; 2 passes of 2 rows re-read the block's bytes from L1 but expand each weight once.
+template <int NR, int MB>
+inline void bitmask_direct(const BitmaskArgs& a, int64_t blk, int rows) {
+  for (int r0 = 0; r0 < kBmRows; r0 += NR) bitmask_tile<NR, MB>(a, blk, r0, 0, rows);
+}
+
+inline void bitmask_small(const BitmaskArgs& a, int64_t blk, int rows) {
+  switch (a.M) {
+    case 1: return bitmask_direct<4, 1>(a, blk, rows);
+    case 2: return bitmask_direct<4, 2>(a, blk, rows);
+#if SDCPU_W == 16
+    case 3: return bitmask_direct<4, 3>(a, blk, rows);
+    case 4: return bitmask_direct<4, 4>(a, blk, rows);
+    case 5: return bitmask_direct<2, 5>(a, blk, rows);
+    case 6: return bitmask_direct<2, 6>(a, blk, rows);
+    case 7: return bitmask_direct<2, 7>(a, blk, rows);
+    default: return bitmask_direct<2, 8>(a, blk, rows);
+#else
+    case 3: return bitmask_direct<2, 3>(a, blk, rows);
+    default: return bitmask_direct<2, 4>(a, blk, rows);
+#endif
+  }
+}
+constexpr int64_t kBmSmallMax = SDCPU_W == 16 ? 8 : 4;  // more rows of x: the scratch path
+
+// More rows of x than one register pass holds: the block's weights are expanded once per chunk of kBmChunk
+// inputs into an fp32 scratch in L1 ([4][kBmChunk]), then every pass of MB rows of x runs the dense FMA loop
+// on it (instead of expanding the same weights again for each pass); partial sums go to y per chunk.
+constexpr int64_t kBmChunk = 512;
+
+inline void bitmask_expand_chunk(const uint16_t*& vp, const uint64_t* mp, int64_t g0, int64_t g1, float* ws) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint64_t m4 = mp[g];
+    const int64_t o = 16 * (g - g0);
+#if SDCPU_W == 16
+    const __m512i below = _mm512_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767);
+    for (int i = 0; i < kBmRows; ++i) {
+      const uint32_t m = static_cast<uint32_t>(m4 >> (16 * i)) & 0xffff;
+      const vf v = vld_bf16(vp);
+      vp += __builtin_popcount(m);
+      const __m512i idx = _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(static_cast<int>(m)), below));
+      _mm512_storeu_ps(ws + i * kBmChunk + o, _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(m), idx, v));
+    }
+#else
+    for (int i = 0; i < kBmRows; ++i) {
+      const uint32_t m = static_cast<uint32_t>(m4 >> (16 * i)) & 0xffff;
+      const uint16_t* rv = vp;
+      vp += __builtin_popcount(m);
+      _mm256_storeu_ps(ws + i * kBmChunk + o, bm_next8(rv, m & 0xff));
+      _mm256_storeu_ps(ws + i * kBmChunk + o + 8, bm_next8(rv, m >> 8));
+    }
+#endif
   }
 }
 
 template <int MB>
-inline void nm24_mb(const NM24Args& a, int64_t n, int64_t m0, int mb) {
-  if constexpr (MB > 1) {
-    if (mb < MB) return nm24_mb<MB - 1>(a, n, m0, mb);
+inline void bitmask_scratch_pass(const BitmaskArgs& a, const float* ws, int64_t blk, int64_t k0, int64_t kc,
+                                 int64_t m0, int rows, bool first) {
+  const int64_t K = a.K;
+  const float* x = a.x + m0 * K + k0;
+  vf acc[kBmRows][MB];
+  for (int i = 0; i < kBmRows; ++i)
+    for (int b = 0; b < MB; ++b) acc[i][b] = vzero();
+  int64_t k = 0;
+  for (; k + W <= kc; k += W) {
+    vf xv[MB];
+    for (int b = 0; b < MB; ++b) xv[b] = vld(x + b * K + k);
+    for (int i = 0; i < kBmRows; ++i) {
+      const vf w = vld(ws + i * kBmChunk + k);
+      for (int b = 0; b < MB; ++b) acc[i][b] = vfma(w, xv[b], acc[i][b]);
+    }
   }
-  nm24_tile<MB>(a, n, m0);
+  for (int i = 0; i < rows; ++i)
+    for (int b = 0; b < MB; ++b) {
+      const int64_t n = blk * kBmRows + i;
+      float s = vsum(acc[i][b]);
+      for (int64_t kk = k; kk < kc; ++kk) s += ws[i * kBmChunk + kk] * x[b * K + kk];
+      float* out = a.y + (m0 + b) * a.N + n;
+      if (first) *out = s + (a.bias ? a.bias[n] : 0.0f);
+      else *out += s;
+    }
+}
+
+template <int MB>
+inline void bitmask_scratch_mb(const BitmaskArgs& a, const float* ws, int64_t blk, int64_t k0, int64_t kc,
+                               int64_t m0, int mb, int rows, bool first) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return bitmask_scratch_mb<MB - 1>(a, ws, blk, k0, kc, m0, mb, rows, first);
+  }
+  bitmask_scratch_pass<MB>(a, ws, blk, k0, kc, m0, rows, first);
+}
+
+inline void bitmask_scratch(const BitmaskArgs& a, int64_t blk, int rows) {
+  alignas(64) float ws[kBmRows * kBmChunk];
+  const uint16_t* vp = a.vals + a.block_ptr[blk];
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * a.G;
+  for (int64_t k0 = 0; k0 < a.K; k0 += kBmChunk) {
+    const int64_t kc = a.K - k0 < kBmChunk ? a.K - k0 : kBmChunk;
+    const int64_t g0 = k0 / 16, g1 = (k0 + kc + 15) / 16;
+    bitmask_expand_chunk(vp, mp, g0, g1, ws);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kBmMB) {
+      const int64_t left = a.M - m0;
+      bitmask_scratch_mb<kBmMB>(a, ws, blk, k0, kc, m0, static_cast<int>(left < kBmMB ? left : kBmMB), rows,
+                                k0 == 0);
+    }
+  }
 }
 
 }  // namespace
@@ -265,13 +436,13 @@ void tiled(const sdcpu::TiledArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-void nm24(const sdcpu::NM24Args& a, int64_t n0, int64_t n1) {
-  constexpr int MB = SDCPU_W == 16 ? 6 : 4;  // rows of x per pass (2 accumulators each)
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t m0 = 0; m0 < a.M; m0 += MB) {
-      const int64_t left = a.M - m0;
-      nm24_mb<MB>(a, n, m0, static_cast<int>(left < MB ? left : MB));
-    }
+void bitmask(const sdcpu::BitmaskArgs& a, int64_t b0, int64_t b1) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t left_rows = a.N - blk * kBmRows;
+    const int rows = static_cast<int>(left_rows < kBmRows ? left_rows : kBmRows);
+    if (a.M > kBmSmallMax) bitmask_scratch(a, blk, rows);
+    else bitmask_small(a, blk, rows);
+  }
 }
 
 }  // namespace SDCPU_NS

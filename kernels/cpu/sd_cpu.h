@@ -26,11 +26,15 @@ struct TiledArgs {
   float* y;
 };
 
-// 2:4: vals [N, K/2] bf16; meta bytes, row stride `meta_stride` bytes; byte i of a row holds the 2-bit
-// in-group positions of values 4i..4i+3 (value j of the row sits at input 4 * (j / 2) + idx_j).
-struct NM24Args {
-  const float* x; int64_t M, K, N;
-  const uint16_t* vals; const uint8_t* meta; int64_t meta_stride;
+// Bitmask, in blocks of kBitmaskRows output rows (N padded up to a whole block with empty rows): per block
+// and per 16 inputs g, the rows' 16-bit masks side by side (masks[(blk * G + g) * 4 + i]; bit j: input
+// 16 g + j of row i is kept; inputs past K are 0 bits), and the kept values, bf16, in the order block, g,
+// row, input, from vals + block_ptr[blk]; `vals` holds 16 entries past the end (kernels load 16 values
+// from any position).
+constexpr int kBitmaskRows = 4;
+struct BitmaskArgs {
+  const float* x; int64_t M, K, N, G;
+  const uint16_t* vals; const uint16_t* masks; const int64_t* block_ptr;
   const float* bias;
   float* y;
 };
@@ -41,7 +45,7 @@ struct NM24Args {
   namespace NS {                                                                 \
   void dense_bf16(const sdcpu::DenseArgs& a, int64_t n0, int64_t n1);            \
   void tiled(const sdcpu::TiledArgs& a, int64_t n0, int64_t n1);                 \
-  void nm24(const sdcpu::NM24Args& a, int64_t n0, int64_t n1);                   \
+  void bitmask(const sdcpu::BitmaskArgs& a, int64_t b0, int64_t b1);             \
   }
 
 SDCPU_DECLARE(sdcpu_avx2)

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import ElasticLinear
+from sparsedial.engine.linear import BITMASK_MIN_SPARSITY, TILED_MIN_SPARSITY, ElasticLinear
 from sparsedial.engine.options import EngineConfig
 from sparsedial.engine.tiers import TierPlan
 from sparsedial.kernels import _cpu_ext
-from sparsedial.kernels.cpu_formats import PackedDense, PackedTiled
-from sparsedial.kernels.formats import Packed24
+from sparsedial.kernels.cpu_formats import PackedBitmask, PackedDense, PackedTiled
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
 NEW = 12  # greedy tokens per prompt
@@ -68,7 +67,8 @@ def test_every_tier_is_packed_and_small(models):
         for m in new.model.modules():
             if isinstance(m, ElasticLinear) and m.maps is not None:
                 tw = m.tiers[name]
-                want = (Packed24 if spec.kind == "nm" else PackedDense if spec.sparsity < 0.6 else PackedTiled)
+                want = (PackedBitmask if spec.kind == "nm" else PackedDense if spec.sparsity < BITMASK_MIN_SPARSITY
+                        else PackedBitmask if spec.sparsity < TILED_MIN_SPARSITY else PackedTiled)
                 assert isinstance(tw.cpu, want), name
                 assert tw.weight is None or name == "dense"  # no fp32 copy of a sparse tier
     assert old.tier_bytes["70%"] == pytest.approx(dense_fp32, rel=0.01)  # the fp32 path: a dense copy
@@ -101,7 +101,7 @@ def test_the_switch_keeps_the_fp32_path():
     lin = next(m for m in off.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None)
     assert lin.tiers["70%"].cpu is None and lin.tiers["70%"].weight is not None
     lin = next(m for m in on.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None)
-    assert isinstance(lin.tiers["70%"].cpu, PackedTiled)
+    assert isinstance(lin.tiers["70%"].cpu, PackedBitmask)
     on.ensure(["90%"])  # an on-demand tier keeps the linear's choice
     assert isinstance(lin.tiers["90%"].cpu, PackedTiled)
     assert on.tier_bytes["70%"] < 0.3 * off.tier_bytes["70%"]

@@ -18,24 +18,26 @@ from sparsedial.engine.linear import ElasticLinear
 from sparsedial.kernels import _cpu_ext
 from sparsedial.kernels.cpu_dispatch import cpu_linear
 from sparsedial.kernels.cpu_formats import (
+    PackedBitmask,
     PackedDense,
     PackedTiled,
-    linear_24_bf16_reference,
+    linear_bitmask_reference,
     linear_dense_bf16_reference,
     linear_tiled_reference,
-    pack_24_bf16,
+    pack_bitmask,
     pack_dense_bf16,
     pack_tiled,
+    unpack_bitmask,
     unpack_dense,
     unpack_tiled,
 )
-from sparsedial.kernels.formats import Packed24, unpack_24
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
 ISAS = _cpu_ext.supported_isas()
-# (M, N, K): one row, odd rows, up to 32 and beyond (a second 32-row pass), K and N off every tile size
-SHAPES = [(1, 37, 100), (3, 64, 260), (8, 50, 300), (17, 33, 516), (32, 96, 1024), (5, 7, 12), (1, 256, 384),
-          (40, 24, 64)]
+# (M, N, K): one row, every register-pass size of the bitmask kernel (1-8 rows) and its scratch path (9+,
+# K past one 512-input chunk), up to 32 and beyond (a second 32-row pass), K and N off every tile size
+SHAPES = [(1, 37, 100), (2, 9, 33), (3, 64, 260), (4, 6, 17), (6, 13, 48), (7, 5, 31), (8, 50, 300),
+          (17, 33, 516), (32, 96, 1024), (5, 7, 12), (1, 256, 384), (40, 24, 64), (12, 11, 1100)]
 
 
 def _mask24(n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -76,9 +78,28 @@ def test_kernels_equal_their_references(isa, m, n, k, with_bias):
     for s in (0.5, 0.7, 0.95):
         tiled = pack_tiled(w, torch.rand(n, k, generator=g) >= s)
         _close(cpu_linear(x, tiled, bias), linear_tiled_reference(x, tiled, bias), k)
+    for s in (0.0, 0.5, 0.9, 1.0):  # every weight kept, half, a tenth, none
+        bm = pack_bitmask(w, torch.rand(n, k, generator=g) >= s)
+        _close(cpu_linear(x, bm, bias), linear_bitmask_reference(x, bm, bias), k)
     if k % 4 == 0:
-        p24 = pack_24_bf16(w, _mask24(n, k, g))
-        _close(cpu_linear(x, p24, bias), linear_24_bf16_reference(x, p24, bias), k)
+        bm = pack_bitmask(w, _mask24(n, k, g))
+        _close(cpu_linear(x, bm, bias), linear_bitmask_reference(x, bm, bias), k)
+
+
+def test_the_bitmask_kernel_against_a_hand_computed_product(isa):
+    """Independent of the packer's reference: a 5 x 20 weight (two blocks, a partial 16-input group) with
+    a hand-made mask, against the sum over the kept (row, input) pairs written out."""
+    w = torch.arange(1, 101, dtype=torch.float32).reshape(5, 20) / 8  # exact in bf16
+    keep = torch.zeros(5, 20, dtype=torch.bool)
+    kept = {0: [0, 15, 16, 19], 1: [], 2: list(range(20)), 3: [1, 2, 3], 4: [17]}
+    for r, cols in kept.items():
+        keep[r, cols] = True
+    x = torch.tensor([[(-1.0) ** j * (j + 1) / 4 for j in range(20)], [1.0] * 20])
+    want = torch.tensor([[sum(float(w[r, c]) * float(x[b, c]) for c in cols) for r, cols in kept.items()]
+                         for b in range(2)])
+    packed = pack_bitmask(w, keep)
+    assert packed.masks.shape == (2, 2, 4) and int(packed.block_ptr[-1]) == 4 + 20 + 3 + 1
+    torch.testing.assert_close(cpu_linear(x, packed), want)
 
 
 def test_leading_dims_and_bf16_activations(isa):
@@ -103,13 +124,18 @@ def test_pack_unpack_identity():
         assert torch.equal(unpack_tiled(tiled), (w * mask).bfloat16())
         assert tiled.values.numel() % 8 == 0 and (tiled.tile_ptr.diff(dim=1) % 8 == 0).all()
         assert torch.equal(unpack_dense(pack_dense_bf16(w)), w.bfloat16())
+        bm = pack_bitmask(w, mask)
+        assert torch.equal(unpack_bitmask(bm), (w * mask).bfloat16())
+        assert bm.values.numel() == int(mask.sum()) + 16  # the kept values and the padding, nothing else
         if k % 4 == 0:
             m24 = _mask24(n, k, g)
-            assert torch.equal(unpack_24(pack_24_bf16(w, m24)), (w * m24).bfloat16())
-    # bytes: 70% tiled at K = 2048 is under a quarter of fp32 dense
+            assert torch.equal(unpack_bitmask(pack_bitmask(w, m24)), (w * m24).bfloat16())
+    # bytes at K = 2048: 70% bitmask 2 * 0.3 + 1/8 bytes per weight, 90% tiled under a tenth of fp32 dense
     w = torch.randn(256, 2048, generator=g)
-    tiled = pack_tiled(w, torch.rand(256, 2048, generator=g) >= 0.7)
-    assert tiled.nbytes < 0.25 * w.numel() * 4
+    bm = pack_bitmask(w, torch.rand(256, 2048, generator=g) >= 0.7)
+    assert bm.nbytes < (2 * 0.31 + 0.125) * w.numel()
+    tiled = pack_tiled(w, torch.rand(256, 2048, generator=g) >= 0.9)
+    assert tiled.nbytes < 0.1 * w.numel() * 4
 
 
 def test_every_tier_of_the_embedded_model(isa):
@@ -125,11 +151,11 @@ def test_every_tier_of_the_embedded_model(isa):
             assert tw.cpu is not None, name
             kinds.add(type(tw.cpu))
             ref = {PackedDense: linear_dense_bf16_reference, PackedTiled: linear_tiled_reference,
-                   Packed24: linear_24_bf16_reference}[type(tw.cpu)]
+                   PackedBitmask: linear_bitmask_reference}[type(tw.cpu)]
             for m in (1, 5, 32):
                 x = torch.randn(m, lin.in_features, generator=g)
                 _close(cpu_linear(x, tw.cpu, lin.bias), ref(x, tw.cpu, lin.bias), lin.in_features)
-    assert kinds == {PackedDense, PackedTiled, Packed24}
+    assert kinds == {PackedDense, PackedTiled, PackedBitmask}
 
 
 def test_forcing_an_isa_the_cpu_lacks_is_an_error(monkeypatch):
@@ -152,11 +178,11 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_log_line(monkeypatc
         g = torch.Generator().manual_seed(4)
         w, x = torch.randn(20, 64, generator=g), torch.randn(3, 64, generator=g)
         tiled, dense = pack_tiled(w, torch.rand(20, 64, generator=g) >= 0.5), pack_dense_bf16(w)
-        p24 = pack_24_bf16(w, _mask24(20, 64, g))
+        bm = pack_bitmask(w, _mask24(20, 64, g))
         with caplog.at_level(logging.WARNING, logger="sparsedial.kernels"):
             assert torch.equal(cpu_linear(x, tiled), linear_tiled_reference(x, tiled))
             assert torch.equal(cpu_linear(x, dense), linear_dense_bf16_reference(x, dense))
-            assert torch.equal(cpu_linear(x, p24), linear_24_bf16_reference(x, p24))
+            assert torch.equal(cpu_linear(x, bm), linear_bitmask_reference(x, bm))
         lines = [r for r in caplog.records if r.name == "sparsedial.kernels"]
         assert len(lines) == 1 and "build failed" in lines[0].getMessage()
         assert not _cpu_ext.available()

@@ -65,9 +65,10 @@ def synthetic_linear_maps(name: str, w: torch.Tensor, groups: list[LoraGroup], g
 
 def write_synthetic_elastic(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0, lora_rank: int = 4,
                             lora_mode: Literal["masked", "unmasked"] = "masked", lora_std: float = 0.05,
-                            with_24: bool = True) -> Path:
+                            with_24: bool = True, sparser: tuple[float, ...] = ()) -> Path:
     """A random-but-valid elastic checkpoint next to a copy of `base_dir`: random scores -> ranks -> drop
-    levels, random 2:4 masks, random LoRA groups. For tests and benchmarks only (not a compressed model)."""
+    levels, random 2:4 masks, random LoRA groups. `sparser`: extra unstructured tiers above 70% (e.g. 0.9),
+    which no LoRA group reaches. For tests and benchmarks only (not a compressed model)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in base_dir.iterdir():
@@ -77,6 +78,7 @@ def write_synthetic_elastic(base_dir: str | Path, out_dir: str | Path, *, seed: 
     groups = [LoraGroup(0, 0.0, 0.4, lora_rank), LoraGroup(1, 0.4, 0.7, lora_rank)]
     tiers = [TierSpec(n, "dense" if s == 0 else "unstructured", s,
                       lora_groups=() if s == 0 else ((0,) if s <= 0.4 else (0, 1))) for n, s in DEFAULT_TIERS]
+    tiers += [TierSpec(f"{round(s * 100)}%", "unstructured", s) for s in sparser]
     if with_24:
         groups.append(LoraGroup(2, 0.5, 0.5, lora_rank, nm=True))
         tiers.append(TierSpec("2:4", "nm", 0.5, lora_groups=(2,), n=2, m=4))

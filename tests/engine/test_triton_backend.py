@@ -14,7 +14,6 @@ import, as tests/kernels/conftest.py does. With CUDA present the module is skipp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +31,6 @@ pytest.importorskip("triton")
 from safetensors.torch import save_file
 from sparsedial.engine.config import ModelConfig
 from sparsedial.engine.elastic import ElasticModel, choose_backend
-from sparsedial.engine.elastic_format import TierSpec, read_elastic, write_elastic
 from sparsedial.engine.linear import ElasticLinear
 from sparsedial.engine.model import Transformer
 from sparsedial.engine.runner import EngineConfig, EngineCore
@@ -79,11 +77,7 @@ def tiny_llama(path: Path) -> Path:
 
 def elastic(base: Path, out: Path, lora_mode: str) -> Path:
     """write_synthetic_elastic plus a 90% tier (no LoRA group reaches it; the torch backend adds CSR there)."""
-    write_synthetic_elastic(base, out, seed=1, lora_mode=lora_mode)
-    spec, tensors = read_elastic(out)
-    write_elastic(out, dataclasses.replace(spec, tiers=[*spec.tiers, TierSpec("90%", "unstructured", 0.9)]),
-                  tensors)
-    return out
+    return write_synthetic_elastic(base, out, seed=1, lora_mode=lora_mode, sparser=(0.9,))
 
 
 @pytest.fixture(scope="module")

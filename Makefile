@@ -74,8 +74,11 @@ clean:
 cpu-kernels: setup
 	$(PY) -c "from sparsedial.kernels import _cpu_ext as c; print('CPU kernels:', c.available(), c.isa())"
 
+# CPU decode tok/s per tier vs transformers and CTranslate2 (docs/benchmarks.md, "CPU decode"); SmolLM2 too after
+# `make smollm2`. About 20 min on the 2-core machine; needs it idle (ratios are measured side by side).
 bench-cpu-decode: cpu-kernels
-	$(PY) benchmarks/bench_cpu_decode.py
+	$(PY) -m pip install -q ctranslate2
+	$(PY) benchmarks/bench_cpu_decode.py --threads $(or $(THREADS),2)
 
 # Scale-out on Ray Serve (issue 16, docs/deploy.md): the fleet tests (tests/deploy: a local 2-replica Ray Serve
 # app; ~1 min here after installing ray[serve]; CI runs this after `make test`, bounded by DEPLOY_TIMEOUT) and

@@ -425,13 +425,15 @@ def tier_delta(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tenso
 
 
 def merged_weight(spec: ElasticSpec, tier: TierSpec, tensors: dict[str, torch.Tensor], name: str,
-                  layer: int, weight: torch.Tensor) -> torch.Tensor:
-    """The statically merged weight of a tier (masked mode): (W + delta) * M, in W's dtype."""
-    w = weight.float()
-    delta = tier_delta(spec, tier, tensors, name, layer)
-    if delta is not None and spec.lora_mode == "masked":
-        w = w + delta
-    mask = tier_mask(spec, tier, tensors, name, layer)
+                  layer: int, weight: torch.Tensor, *, masked: bool = True) -> torch.Tensor:
+    """The statically merged weight of a tier (masked mode): (W + delta) * M, in W's dtype. `masked=False`:
+    W + delta only, for a packer that keeps the mask's positions itself (tier_mask gives them)."""
+    w = weight.float()  # may be `weight` itself: the first group makes a new tensor, later ones add in place
+    if spec.lora_mode == "masked":  # w + scale * sum_g B_g A_g (tier_delta), one fused pass per group
+        for i, g in enumerate(active_lora_groups(spec, tier, tensors, name, layer)):
+            a, b = tensors[f"{name}.lora.{g}.A"].float(), tensors[f"{name}.lora.{g}.B"].float()
+            w = torch.addmm(w, b, a, alpha=spec.lora_scale) if i == 0 else w.addmm_(b, a, alpha=spec.lora_scale)
+    mask = tier_mask(spec, tier, tensors, name, layer) if masked else None
     if mask is not None:
         w = w * mask
     return w.to(weight.dtype)

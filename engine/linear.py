@@ -133,7 +133,8 @@ def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:
 
 
 def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:
-    """The packed CPU format of a tier's merged weight `w` [out, in] (zeros where `mask` drops)."""
+    """The packed CPU format of a tier's merged weight `w` [out, in], keeping the positions `mask` keeps
+    (None: every one); `w` itself need not be masked."""
     from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
 
     w = w.contiguous()
@@ -143,7 +144,7 @@ def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> obj
         return pack_tiled(w, mask)
     if tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
         return pack_bitmask(w, mask)
-    return pack_dense_bf16(w)  # already masked: zeros stored
+    return pack_dense_bf16(w * mask)  # zeros stored
 
 
 class PackedHead(nn.Module):
@@ -234,13 +235,15 @@ class ElasticLinear(nn.Module):
             if cpu and maps is not None:  # the base weight for prefill, a bf16 copy for decode
                 return _dense_cpu_tier(self.weight)
             return TierWeights(weight=self.weight)  # shares the base weight: no memory
-        w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
-        if cpu:
-            tw = TierWeights(cpu=_cpu_pack(w, tier_mask(spec, tier, maps.tensors, maps.name, maps.layer), tier))
+        if cpu:  # the packers keep the mask's positions: no masked copy of the merged weight
+            mask = tier_mask(spec, tier, maps.tensors, maps.name, maps.layer)
+            w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight, masked=False)
+            tw = TierWeights(cpu=_cpu_pack(w, mask, tier))
             tw.nbytes = tw.cpu.nbytes  # type: ignore[attr-defined]
             del w
             self._attach_lora(spec, tier, tw)
             return tw
+        w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight)  # [out, in]
         if backend == Backend.TORCH:
             w = serving_layout(w)  # merges from a relaid base come out column-major already; a guard
         tw = TierWeights(weight=w, nbytes=_nbytes(w))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -195,15 +196,28 @@ def pack_bitmask(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Pack
     _check_weight(weight)
     n, k = weight.shape
     keep = _check_mask(mask, weight)
+    if weight.device.type == "cpu":
+        from ._cpu_ext import extension
+
+        ext = extension()
+        if ext is not None:  # the C++ packer: one pass per block (the torch path below: ~10x the time)
+            values, words, block_ptr = ext.pack_bitmask(weight.detach().float().contiguous(), keep.contiguous())
+            return PackedBitmask(values, words, block_ptr, (n, k))
+    return _pack_bitmask_torch(weight, keep)
+
+
+def _pack_bitmask_torch(weight: torch.Tensor, keep: torch.Tensor) -> PackedBitmask:
+    n, k = weight.shape
     groups, rows = -(-k // _GROUP), -(-n // _ROWS) * _ROWS
-    keep_b = _blocked(keep, rows, groups)  # [B, G, 4, 16]
-    bits = torch.ones((), dtype=torch.int32, device=weight.device) << torch.arange(
-        _GROUP, dtype=torch.int32, device=weight.device)
-    words = (keep_b.to(torch.int32) * bits).sum(-1)  # [B, G, 4]
-    words = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)  # the same 16 bits
+    keep_b = _blocked(keep, rows, groups).contiguous()  # [B, G, 4, 16]
+    # 16 bits per (block, group, row): little-endian bit order, two bytes -> one 16-bit word
+    bits = np.packbits(keep_b.cpu().numpy(), axis=-1, bitorder="little")  # [B, G, 4, 2] uint8
+    words = torch.from_numpy(bits.view("<i2")[..., 0].copy()).to(weight.device)  # [B, G, 4] int16
+    per_row = F.pad(keep.sum(1), (0, rows - n))  # kept per row, rows padded to whole blocks
     block_ptr = torch.zeros(rows // _ROWS + 1, dtype=torch.int64, device=weight.device)
-    block_ptr[1:] = keep_b.sum((1, 2, 3)).cumsum(0)
-    kept = _blocked(weight.detach().to(torch.bfloat16), rows, groups)[keep_b]  # in the format's order
+    block_ptr[1:] = per_row.reshape(-1, _ROWS).sum(1).cumsum(0)
+    w_b = _blocked(weight.detach().to(torch.bfloat16), rows, groups).contiguous()
+    kept = w_b.masked_select(keep_b)  # in the format's order
     values = torch.cat([kept, torch.zeros(_PAD, dtype=torch.bfloat16, device=weight.device)])
     return PackedBitmask(values, words.contiguous(), block_ptr, (n, k))
 

@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "sd_cpu.h"
 
@@ -109,6 +111,60 @@ at::Tensor bitmask(const at::Tensor& x, const at::Tensor& vals, const at::Tensor
   return y;
 }
 
+// The bitmask packer (kernels/cpu_formats.py, pack_bitmask: same output as its torch path, in one pass per
+// block instead of torch's transposes and masked_select): w fp32 [N, K] row-major, keep bool [N, K] row-major.
+// Returns (values bf16 [L + 16], masks int16 [B, G, 4], block_ptr int64 [B + 1]); bf16 by round to nearest even.
+std::vector<at::Tensor> pack_bitmask(const at::Tensor& w, const at::Tensor& keep) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w must be contiguous float32 [N, K]");
+  TORCH_CHECK(keep.sizes() == w.sizes() && keep.scalar_type() == at::kBool && keep.is_contiguous(),
+              "keep must be a contiguous bool tensor of w's shape");
+  const int64_t N = w.size(0), K = w.size(1), R = sdcpu::kBitmaskRows, B = (N + R - 1) / R, G = (K + 15) / 16;
+  at::Tensor masks = at::zeros({B, G, R}, w.options().dtype(at::kShort));
+  at::Tensor counts = at::zeros({B + 1}, w.options().dtype(at::kLong));
+  const bool* kp = keep.data_ptr<bool>();
+  const float* wp = w.data_ptr<float>();
+  uint16_t* mp = reinterpret_cast<uint16_t*>(masks.data_ptr<int16_t>());
+  int64_t* cp = counts.data_ptr<int64_t>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t c = 0;
+      for (int64_t r = 0; r < R && b * R + r < N; ++r) {
+        const bool* row = kp + (b * R + r) * K;
+        for (int64_t g = 0; g < G; ++g) {
+          uint32_t word = 0;
+          const int64_t k0 = 16 * g, k1 = k0 + 16 < K ? k0 + 16 : K;
+          for (int64_t k = k0; k < k1; ++k) word |= static_cast<uint32_t>(row[k]) << (k - k0);
+          mp[(b * G + g) * R + r] = static_cast<uint16_t>(word);
+          c += __builtin_popcount(word);
+        }
+      }
+      cp[b + 1] = c;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) cp[b + 1] += cp[b];  // block_ptr
+  at::Tensor values = at::zeros({cp[B] + 16}, w.options().dtype(at::kBFloat16));
+  uint16_t* vp = reinterpret_cast<uint16_t*>(values.data_ptr());
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint16_t* out = vp + cp[b];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < R && b * R + r < N; ++r) {
+          uint32_t word = mp[(b * G + g) * R + r];
+          const float* src = wp + (b * R + r) * K + 16 * g;
+          while (word) {
+            const int j = __builtin_ctz(word);
+            word &= word - 1;
+            uint32_t u;
+            std::memcpy(&u, src + j, 4);
+            const bool nan = (u & 0x7fffffffu) > 0x7f800000u;  // quiet it, as torch's conversion does
+            *out++ = static_cast<uint16_t>(nan ? (u >> 16) | 0x40u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+          }
+        }
+    }
+  });
+  return {values, masks, counts};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -116,4 +172,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_bf16", &dense_bf16);
   m.def("tiled", &tiled);
   m.def("bitmask", &bitmask);
+  m.def("pack_bitmask", &pack_bitmask, "the bitmask format of w (float32) at the positions keep keeps");
 }

@@ -99,6 +99,8 @@ def step_bytes(em: ElasticModel, tier: str, rows: int) -> int:
         tw = lin.tiers[tier]
         if tw.cpu is not None and (tw.cpu_max_rows is None or rows <= tw.cpu_max_rows):
             total += tw.cpu.nbytes
+        elif tw.cpu_wide is not None:
+            total += tw.cpu_wide.nbytes
         elif tw.csr is not None and rows >= tw.csr_min_rows:
             total += sum(t.numel() * t.element_size() for t in (tw.csr.values(), tw.csr.col_indices(),
                                                                 tw.csr.crow_indices()))

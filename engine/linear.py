@@ -15,8 +15,8 @@ Backends of a materialized tier (`TierWeights`):
 - `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default; the
   `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
-  unstructured tiers >= TILED_MIN_SPARSITY as `PackedTiled`, 2:4 and tiers >= BITMASK_MIN_SPARSITY as
-  `PackedBitmask`, lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
+  2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, tiers >= TILED_MIN_SPARSITY also as
+  `PackedTiled` (for more than BITMASK_MAX_ROWS rows), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
   MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
 
@@ -43,17 +43,19 @@ class TierWeights:
     csr: torch.Tensor | None = None  # CSR copy of `weight` (CPU, >= 80% sparse), used for >= csr_min_rows rows
     csr_min_rows: int = 0
     cpu: object | None = None  # kernels.PackedDense | PackedBitmask | PackedTiled: the CPU kernel's weight
-    cpu_max_rows: int | None = None  # use `cpu` up to this many rows (None: always), `weight` above
+    cpu_max_rows: int | None = None  # use `cpu` up to this many rows (None: always), `cpu_wide`/`weight` above
+    cpu_wide: object | None = None  # the CPU format above cpu_max_rows rows (a sparse tier's second format)
     lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
     lora_b: torch.Tensor | None = None  # [out, r]  scale folded in
     nbytes: int = 0  # bytes owned by this tier (0 when it shares the base weight)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        if self.cpu is not None and (self.cpu_max_rows is None or x.numel() <= self.cpu_max_rows * x.shape[-1]):
+        small = self.cpu_max_rows is None or x.numel() <= self.cpu_max_rows * x.shape[-1]
+        if self.cpu is not None and (small or self.cpu_wide is not None):
             from sparsedial.kernels.cpu_dispatch import cpu_linear
 
-            y = cpu_linear(x, self.cpu, bias)
+            y = cpu_linear(x, self.cpu if small else self.cpu_wide, bias)
         elif self.packed is not None:
             from sparsedial.kernels import sparse_linear
 
@@ -103,15 +105,17 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 
 
 # ------------------------------------------------------------------------------- CPU packed tiers
-# (issue 12) Chosen from benchmarks/bench_cpu_kernels.py (docs/benchmarks.md, "CPU kernels"): on the machines
+# (issue 12) Chosen from benchmarks/bench_cpu_kernels.py (docs/benchmarks.md, "CPU decode"): on the machines
 # measured the bf16 dense kernel beats fp32 MKL from 1 to 32 rows and MKL wins at prefill sizes. Sparse
 # tiers: the bitmask kernel (bytes ~ kept weights, dense FMAs) from BITMASK_MIN_SPARSITY and for 2:4 (the
-# same bytes as a 2:4 format, faster than its own kernel); the tiled kernel (work ~ kept weights) from
-# TILED_MIN_SPARSITY, where it wins at 4+ rows; lower sparsities stay a masked bf16 dense weight (at 30%
-# the bitmask saves little at one row and loses at eight).
+# same bytes as a 2:4 format, faster than a 2:4 kernel of its own); from TILED_MIN_SPARSITY also the tiled
+# format (work ~ kept weights: at 80-90% 1.5-2.5x the bitmask at 8 rows, slower at 1-4), used above
+# BITMASK_MAX_ROWS rows; lower sparsities stay a masked bf16 dense weight (at 30% the bitmask saves little
+# at one row and loses at eight).
 DENSE_BF16_MAX_ROWS = 32
 BITMASK_MIN_SPARSITY = 0.45
-TILED_MIN_SPARSITY = 0.85
+TILED_MIN_SPARSITY = 0.8  # these tiers hold both formats: bitmask up to BITMASK_MAX_ROWS rows, tiled above
+BITMASK_MAX_ROWS = 4
 
 def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
     """True when the packed CPU kernels can serve weight `w`: torch backend, fp32 CPU weights, and the kernels
@@ -132,19 +136,22 @@ def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:
     return TierWeights(weight=w, cpu=packed, cpu_max_rows=DENSE_BF16_MAX_ROWS, nbytes=packed.nbytes)
 
 
-def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> object:
-    """The packed CPU format of a tier's merged weight `w` [out, in], keeping the positions `mask` keeps
-    (None: every one); `w` itself need not be masked."""
+def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> TierWeights:
+    """A tier's weights on the CPU kernel path from its merged weight `w` [out, in], keeping the positions
+    `mask` keeps (None: every one); `w` itself need not be masked."""
     from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
 
     w = w.contiguous()
     if mask is None:
-        return pack_dense_bf16(w)
-    if tier.kind is not TierKind.NM and tier.sparsity >= TILED_MIN_SPARSITY - 1e-9:
-        return pack_tiled(w, mask)
-    if tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
-        return pack_bitmask(w, mask)
-    return pack_dense_bf16(w * mask)  # zeros stored
+        tw = TierWeights(cpu=pack_dense_bf16(w))
+    elif tier.kind is not TierKind.NM and tier.sparsity >= TILED_MIN_SPARSITY - 1e-9:
+        tw = TierWeights(cpu=pack_bitmask(w, mask), cpu_max_rows=BITMASK_MAX_ROWS, cpu_wide=pack_tiled(w, mask))
+    elif tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
+        tw = TierWeights(cpu=pack_bitmask(w, mask))
+    else:
+        tw = TierWeights(cpu=pack_dense_bf16(w * mask))  # zeros stored
+    tw.nbytes = sum(p.nbytes for p in (tw.cpu, tw.cpu_wide) if p is not None)  # type: ignore[attr-defined]
+    return tw
 
 
 class PackedHead(nn.Module):
@@ -238,8 +245,7 @@ class ElasticLinear(nn.Module):
         if cpu:  # the packers keep the mask's positions: no masked copy of the merged weight
             mask = tier_mask(spec, tier, maps.tensors, maps.name, maps.layer)
             w = merged_weight(spec, tier, maps.tensors, maps.name, maps.layer, self.weight, masked=False)
-            tw = TierWeights(cpu=_cpu_pack(w, mask, tier))
-            tw.nbytes = tw.cpu.nbytes  # type: ignore[attr-defined]
+            tw = _cpu_pack(w, mask, tier)
             del w
             self._attach_lora(spec, tier, tw)
             return tw

@@ -168,12 +168,20 @@ def test_every_tier_of_the_embedded_model(isa):
         for lin in picked:
             tw = lin.build(em.spec, em.tier_spec(name), em.backend)
             assert tw.cpu is not None, name
-            kinds.add(type(tw.cpu))
-            ref = {PackedDense: linear_dense_bf16_reference, PackedTiled: linear_tiled_reference,
-                   PackedBitmask: linear_bitmask_reference}[type(tw.cpu)]
-            for m in (1, 5, 32):
-                x = torch.randn(m, lin.in_features, generator=g)
-                _close(cpu_linear(x, tw.cpu, lin.bias), ref(x, tw.cpu, lin.bias), lin.in_features)
+            for packed in (tw.cpu, tw.cpu_wide):
+                if packed is None:
+                    continue
+                kinds.add(type(packed))
+                ref = {PackedDense: linear_dense_bf16_reference, PackedTiled: linear_tiled_reference,
+                       PackedBitmask: linear_bitmask_reference}[type(packed)]
+                for m in (1, 5, 32):
+                    x = torch.randn(m, lin.in_features, generator=g)
+                    _close(cpu_linear(x, packed, lin.bias), ref(x, packed, lin.bias), lin.in_features)
+            if tw.cpu_wide is not None:  # the tier itself: one format up to cpu_max_rows rows, the other above
+                for m in (tw.cpu_max_rows, tw.cpu_max_rows + 1):
+                    x = torch.randn(m, lin.in_features, generator=g)
+                    want = linear_bitmask_reference(x, tw.cpu, lin.bias)
+                    _close(tw.apply(x, lin.bias), want, lin.in_features)
     assert kinds == {PackedDense, PackedTiled, PackedBitmask}
 
 

@@ -15,8 +15,8 @@ Backends of a materialized tier (`TierWeights`):
 - `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default; the
   `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
-  2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, tiers >= TILED_MIN_SPARSITY also as
-  `PackedTiled` (for more than BITMASK_MAX_ROWS rows), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
+  2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, high sparsities also (or only) as `PackedTiled`
+  for more rows (`sparse_formats`, per ISA path), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
   MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
 
@@ -108,14 +108,28 @@ def _attach_csr(tw: TierWeights, tier: TierSpec) -> None:
 # (issue 12) Chosen from benchmarks/bench_cpu_kernels.py (docs/benchmarks.md, "CPU decode"): on the machines
 # measured the bf16 dense kernel beats fp32 MKL from 1 to 32 rows and MKL wins at prefill sizes. Sparse
 # tiers: the bitmask kernel (bytes ~ kept weights, dense FMAs) from BITMASK_MIN_SPARSITY and for 2:4 (the
-# same bytes as a 2:4 format, faster than a 2:4 kernel of its own); from TILED_MIN_SPARSITY also the tiled
-# format (work ~ kept weights: at 80-90% 1.5-2.5x the bitmask at 8 rows, slower at 1-4), used above
-# BITMASK_MAX_ROWS rows; lower sparsities stay a masked bf16 dense weight (at 30% the bitmask saves little
-# at one row and loses at eight).
+# same bytes as a 2:4 format, faster than a 2:4 kernel of its own); the tiled format (work ~ kept weights)
+# wins at high sparsity once several rows share the weights, and on AVX2 (8-lane expansion) sooner, so
+# tiers at or above `tiled_from` also hold it and use it above `bitmask_rows` rows (0: tiled only); lower
+# sparsities stay a masked bf16 dense weight (at 30% the bitmask saves little at one row, loses at eight).
 DENSE_BF16_MAX_ROWS = 32
 BITMASK_MIN_SPARSITY = 0.45
-TILED_MIN_SPARSITY = 0.8  # these tiers hold both formats: bitmask up to BITMASK_MAX_ROWS rows, tiled above
-BITMASK_MAX_ROWS = 4
+# ISA path -> ((tiled_from sparsity, bitmask_rows), ...) checked in order; past every entry: bitmask only
+SPARSE_FORMATS: dict[str, tuple[tuple[float, int], ...]] = {
+    "avx512": ((0.8, 4),),  # 90%, 8 rows: tiled 2.46x vs bitmask 1.34x of bf16 dense; 1-4 rows: bitmask
+    # 90%: tiled from 1 row (2.5x vs 1.9x); 80%: tiled from 3 rows (4 rows: 1.6x vs 1.1x); 70% keeps one
+    # format (both would hold 0.43x of a dense fp32 copy; the bitmask is 1.75x at 1 row, 1.0x at 8)
+    "avx2": ((0.9, 0), (0.8, 2)),
+}
+
+
+def sparse_formats(sparsity: float, isa: str | None) -> tuple[bool, int | None]:
+    """(holds the tiled format, rows up to which the bitmask serves: None = always) for an unstructured tier."""
+    for tiled_from, rows in SPARSE_FORMATS.get(isa or "", ()):
+        if sparsity >= tiled_from - 1e-9:
+            return True, rows
+    return False, None
+
 
 def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
     """True when the packed CPU kernels can serve weight `w`: torch backend, fp32 CPU weights, and the kernels
@@ -141,11 +155,16 @@ def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> Tie
     `mask` keeps (None: every one); `w` itself need not be masked."""
     from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
 
+    from sparsedial.kernels import _cpu_ext
+
     w = w.contiguous()
+    tiled, bitmask_rows = sparse_formats(tier.sparsity, _cpu_ext.isa())
     if mask is None:
         tw = TierWeights(cpu=pack_dense_bf16(w))
-    elif tier.kind is not TierKind.NM and tier.sparsity >= TILED_MIN_SPARSITY - 1e-9:
-        tw = TierWeights(cpu=pack_bitmask(w, mask), cpu_max_rows=BITMASK_MAX_ROWS, cpu_wide=pack_tiled(w, mask))
+    elif tier.kind is not TierKind.NM and tiled and bitmask_rows == 0:
+        tw = TierWeights(cpu=pack_tiled(w, mask))
+    elif tier.kind is not TierKind.NM and tiled:
+        tw = TierWeights(cpu=pack_bitmask(w, mask), cpu_max_rows=bitmask_rows, cpu_wide=pack_tiled(w, mask))
     elif tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
         tw = TierWeights(cpu=pack_bitmask(w, mask))
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import BITMASK_MAX_ROWS, BITMASK_MIN_SPARSITY, TILED_MIN_SPARSITY, ElasticLinear
+from sparsedial.engine.linear import BITMASK_MIN_SPARSITY, ElasticLinear, sparse_formats
 from sparsedial.engine.options import EngineConfig
 from sparsedial.engine.tiers import TierPlan
 from sparsedial.kernels import _cpu_ext
@@ -67,12 +67,15 @@ def test_every_tier_is_packed_and_small(models):
         for m in new.model.modules():
             if isinstance(m, ElasticLinear) and m.maps is not None:
                 tw = m.tiers[name]
-                want = PackedDense if spec.kind != "nm" and spec.sparsity < BITMASK_MIN_SPARSITY else PackedBitmask
-                assert isinstance(tw.cpu, want), name
-                if spec.kind != "nm" and spec.sparsity >= TILED_MIN_SPARSITY:  # + the format for more rows
-                    assert isinstance(tw.cpu_wide, PackedTiled) and tw.cpu_max_rows == BITMASK_MAX_ROWS, name
-                else:
-                    assert tw.cpu_wide is None, name
+                tiled, rows = sparse_formats(spec.sparsity, _cpu_ext.isa())
+                if spec.kind == "nm" or not tiled:
+                    want = PackedDense if spec.kind != "nm" and spec.sparsity < BITMASK_MIN_SPARSITY else PackedBitmask
+                    assert isinstance(tw.cpu, want) and tw.cpu_wide is None, name
+                elif rows == 0:
+                    assert isinstance(tw.cpu, PackedTiled) and tw.cpu_wide is None, name
+                else:  # the bitmask up to `rows` rows, the tiled format above
+                    assert isinstance(tw.cpu, PackedBitmask) and isinstance(tw.cpu_wide, PackedTiled), name
+                    assert tw.cpu_max_rows == rows, name
                 assert tw.weight is None or name == "dense"  # no fp32 copy of a sparse tier
     assert old.tier_bytes["70%"] == pytest.approx(dense_fp32, rel=0.01)  # the fp32 path: a dense copy
     assert new.tier_bytes["70%"] <= 0.45 * dense_fp32
@@ -105,8 +108,8 @@ def test_the_switch_keeps_the_fp32_path():
     assert lin.tiers["70%"].cpu is None and lin.tiers["70%"].weight is not None
     lin = next(m for m in on.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None)
     assert isinstance(lin.tiers["70%"].cpu, PackedBitmask)
-    on.ensure(["90%"])  # an on-demand tier keeps the linear's choice
-    assert isinstance(lin.tiers["90%"].cpu, PackedBitmask) and isinstance(lin.tiers["90%"].cpu_wide, PackedTiled)
+    on.ensure(["90%"])  # an on-demand tier keeps the linear's choice: the tiled format for many rows
+    assert PackedTiled in (type(lin.tiers["90%"].cpu), type(lin.tiers["90%"].cpu_wide))
     assert on.tier_bytes["70%"] < 0.3 * off.tier_bytes["70%"]
 
 

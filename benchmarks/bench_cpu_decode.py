@@ -1,16 +1,16 @@
 """CPU decode: packed bf16 tier formats + C++ kernels (issue 12) vs the fp32 path, transformers and CTranslate2.
 
-One run per model, interleaved, best of --reps: batch 1 and 8 tok/s of `EngineCore.generate` (prompts of a
-few tokens, --new greedy tokens: decode dominates) for the dense tier (fp32 path = fp32 MKL; new path = bf16
-kernel), 50%, 70%, 90% and 2:4 on the new path and on the old (fp32) path; transformers `generate()` and
-CTranslate2 (float32 and int8, `pip install ctranslate2`; skipped with a note when it is missing) on the
-same weights. Models: (a) a random-weight Llama of 483M parameters built by the script (hidden 2048, 8
+One run per model, best of --reps: batch 1 and 8 tok/s of `EngineCore.generate` (prompts of a few tokens,
+--new greedy tokens: decode dominates). Round 1 interleaves, one measurement each per rep: the dense tier on
+the old fp32 path (fp32 MKL), every tier of the new path (dense = bf16 kernel; 50%, 70%, 90%, 2:4 packed),
+transformers `generate()` and CTranslate2 (float32 and int8, `pip install ctranslate2`; skipped with a note
+when missing) on the same weights: every target ratio comes from it. Round 2 runs each sparse tier on the
+old fp32 path (one fp32 tier copy at a time), for the old rows of the table. Models: (a) a random-weight Llama of 483M parameters built by the script (hidden 2048, 8
 layers, ffn 5632, GQA 32/4, vocab 32000 untied), (b) SmolLM2-135M-Instruct when imported (`make smollm2`),
 each with a synthetic elastic checkpoint (random masks: this measures speed, not quality). Also bytes read
 per token (weights each decode step streams / rows), the fraction of the machine's measured GEMV bandwidth
 (bf16 x @ W.T through the dense kernel, one row, matrices well beyond L3), resident MiB per tier and the
-load time of each path. Memory: the old path holds one fp32 tier copy at a time (built per tier, the build
-is not timed); HF's and CTranslate2's models are freed after the dense round.
+load time of each path. HF's and CTranslate2's models are freed after round 1.
 
     .venv/bin/python benchmarks/bench_cpu_decode.py --threads 2   # writes docs/benchmarks.md, "CPU decode"
 """
@@ -177,25 +177,34 @@ def bench_model(label: str, base: Path, path: Path, args, bw: float) -> list[str
     best: dict[tuple[str, str, int], float] = {}
     extra: dict[tuple[str, str], object] = {}
     old_build: dict[str, float] = {}
+
+    def keep(who: str, tier: str, b: int, v: float) -> None:
+        best[(who, tier, b)] = max(best.get((who, tier, b), 0.0), v)
+
+    # round 1, every ratio of the targets: the fp32 dense path, every tier of the new path, transformers and
+    # CTranslate2, all resident at once, interleaved one measurement each per rep
+    for _ in range(args.reps):
+        for b in (1, 8):
+            keep("old", "dense", b, bench_engine(old, "dense", b, args.new, 1))
+            for tier in ["dense", *TIERS]:
+                keep("new", tier, b, bench_engine(new, tier, b, args.new, 1))
+            keep("hf", "dense", b, bench_transformers(hf, tok, b, args.new, 1)[0])
+            for q, gen in gens.items():
+                keep(f"ct2-{q}", "dense", b, bench_ct2(gen, tok, b, args.new))
+        print(label, "round 1", {k: round(v, 2) for k, v in best.items()}, flush=True)
+    del hf
+    gens.clear()
+    gc.collect()
+    # round 2: each sparse tier on the fp32 path (one fp32 copy at a time: cache_tiers=1 evicts the last)
     for tier in ["dense", *TIERS]:
         if tier != "dense":
             t = time.perf_counter()
-            old.ensure([tier])  # one fp32 tier copy at a time (cache_tiers=1 evicts the previous one)
+            old.ensure([tier])
             old_build[tier] = time.perf_counter() - t
-        for _ in range(args.reps):
-            for b in (1, 8):
-                got = {"old": bench_engine(old, tier, b, args.new, 1), "new": bench_engine(new, tier, b, args.new, 1)}
-                if tier == "dense":
-                    got["hf"] = bench_transformers(hf, tok, b, args.new, 1)[0]
-                    for q, gen in gens.items():
-                        got[f"ct2-{q}"] = bench_ct2(gen, tok, b, args.new)
-                for who, v in got.items():
-                    best[(who, tier, b)] = max(best.get((who, tier, b), 0.0), v)
-        print(label, tier, {k: round(v, 2) for k, v in best.items() if k[1] == tier}, flush=True)
-        if tier == "dense":
-            del hf
-            gens.clear()
-            gc.collect()
+            for _ in range(args.reps):
+                for b in (1, 8):
+                    keep("old", tier, b, bench_engine(old, tier, b, args.new, 1))
+            print(label, "round 2", tier, {k: round(v, 2) for k, v in best.items() if k[1] == tier}, flush=True)
         extra[("bytes", tier)] = {(p, b): step_bytes(em, tier, b) for p, em in (("old", old), ("new", new))
                                   for b in (1, 8)}
         extra[("mib_old", tier)] = old.tier_bytes[tier] / 2**20
@@ -276,7 +285,9 @@ def main() -> None:
     flags = ", ".join(sorted(f for f in _cpu_ext.cpu_flags() if f.startswith(("avx", "fma", "amx"))))
     lines = [(f"Machine: {machine()}; CPU flags: {flags}; kernel ISA path: {_cpu_ext.isa()}; {args.threads} "
               f"thread(s); GEMV bandwidth (1 row, matrices beyond L3, best of fp32 MKL and the bf16 kernel): "
-              f"{bw:.1f} GB/s. Best of {args.reps}, interleaved rep by rep within each tier's round; "
+              f"{bw:.1f} GB/s. Best of {args.reps}; round 1 (every new-path tier, the fp32 dense, "
+              f"transformers, CTranslate2) interleaved one measurement each per rep, round 2 (the fp32 path's "
+              f"sparse tiers, rows 'fp32 (old)' below dense) tier by tier; "
               f"EngineCore.generate of {args.new} greedy tokens after a few prompt tokens; synthetic elastic "
               f"checkpoints (random masks)."), ""]
     for label, base, path in models:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, machine, write_section
 from bench_engine import bench_engine, bench_transformers
 from sparsedial.engine.elastic import ElasticModel
-from sparsedial.engine.linear import DENSE_BF16_MAX_ROWS, ElasticLinear, PackedHead
+from sparsedial.engine.linear import ElasticLinear, PackedHead
 from sparsedial.kernels import _cpu_ext
 
 from sparsedial.testing import write_synthetic_elastic
@@ -109,7 +109,7 @@ def step_bytes(em: ElasticModel, tier: str, rows: int) -> int:
         for t in (tw.lora_a, tw.lora_b):
             total += 0 if t is None else t.numel() * t.element_size()
     head = em.model.lm_head
-    if isinstance(head, PackedHead) and rows <= DENSE_BF16_MAX_ROWS:
+    if isinstance(head, PackedHead) and (head.tier.cpu_max_rows is None or rows <= head.tier.cpu_max_rows):
         return total + head.nbytes  # the bf16 copy the kernel reads at decode
     return total + head.weight.numel() * head.weight.element_size()
 

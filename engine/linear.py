@@ -16,12 +16,13 @@ Backends of a materialized tier (`TierWeights`):
   `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
   2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, high sparsities also (or only) as `PackedTiled`
-  for more rows (`sparse_formats`, per ISA path), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to DENSE_BF16_MAX_ROWS rows (fp32
+  for more rows (`sparse_formats`, per ISA path), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to `dense_bf16_max_rows()` rows (fp32
   MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -141,21 +142,46 @@ def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
     return _cpu_ext.available()
 
 
+@functools.cache
+def dense_bf16_max_rows() -> int | None:
+    """Rows up to which a dense tier runs the bf16 kernel; None: every row count (fp32 MKL never).
+
+    Up to DENSE_BF16_MAX_ROWS (decode) always: faster than MKL on every machine measured. Above, it depends
+    on MKL's code path for the CPU: measured once per process (a 2048 x 2048 weight at 128 rows, best of 3
+    each way, ~30 ms) on the layout the fp32 path serves. On the AMD EPYC of docs/benchmarks.md the bf16
+    kernel was 1.5-1.9x MKL's speed from 16 to 512 rows; the Intel Xeon of earlier runs favoured MKL."""
+    import time
+
+    from sparsedial.kernels.cpu_dispatch import cpu_linear
+    from sparsedial.kernels.cpu_formats import pack_dense_bf16
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=g)
+    x, ws, packed = torch.randn(128, 2048, generator=g), serving_layout(w), pack_dense_bf16(w)
+    best = {"mkl": float("inf"), "bf16": float("inf")}
+    with torch.inference_mode():
+        for _ in range(3):
+            for kind, run in (("mkl", lambda: F.linear(x, ws)), ("bf16", lambda: cpu_linear(x, packed))):
+                t = time.perf_counter()
+                run()
+                best[kind] = min(best[kind], time.perf_counter() - t)
+    return None if best["bf16"] < best["mkl"] else DENSE_BF16_MAX_ROWS
+
+
 def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:
-    """A dense weight on the CPU kernel path: `w` itself for prefill (fp32 MKL), a bf16 copy that the dense
-    bf16 kernel reads for up to DENSE_BF16_MAX_ROWS rows (decode)."""
+    """A dense weight on the CPU kernel path: a bf16 copy that the dense bf16 kernel reads at decode (and for
+    prefill where it beats MKL here: `dense_bf16_max_rows`), `w` itself for fp32 MKL above."""
     from sparsedial.kernels.cpu_formats import pack_dense_bf16
 
     packed = pack_dense_bf16(w.contiguous())
-    return TierWeights(weight=w, cpu=packed, cpu_max_rows=DENSE_BF16_MAX_ROWS, nbytes=packed.nbytes)
+    return TierWeights(weight=w, cpu=packed, cpu_max_rows=dense_bf16_max_rows(), nbytes=packed.nbytes)
 
 
 def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> TierWeights:
     """A tier's weights on the CPU kernel path from its merged weight `w` [out, in], keeping the positions
     `mask` keeps (None: every one); `w` itself need not be masked."""
-    from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
-
     from sparsedial.kernels import _cpu_ext
+    from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
 
     w = w.contiguous()
     tiled, bitmask_rows = sparse_formats(tier.sparsity, _cpu_ext.isa())

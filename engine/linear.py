@@ -148,8 +148,9 @@ def dense_bf16_max_rows() -> int | None:
 
     Up to DENSE_BF16_MAX_ROWS (decode) always: faster than MKL on every machine measured. Above, it depends
     on MKL's code path for the CPU: measured once per process (a 2048 x 2048 weight at 128 rows, best of 3
-    each way, ~30 ms) on the layout the fp32 path serves. On the AMD EPYC of docs/benchmarks.md the bf16
-    kernel was 1.5-1.9x MKL's speed from 16 to 512 rows; the Intel Xeon of earlier runs favoured MKL."""
+    each way, ~30 ms) on the layout the fp32 path serves. On the AMD EPYC of docs/benchmarks.md MKL ran at
+    0.49x / 0.57x of the bf16 kernel's speed at 32 / 128 rows (benchmarks/bench_cpu_kernels.py --fp32);
+    the Intel Xeon of earlier runs favoured MKL at prefill sizes."""
     import time
 
     from sparsedial.kernels.cpu_dispatch import cpu_linear

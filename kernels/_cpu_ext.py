@@ -166,6 +166,22 @@ def available() -> bool:
     return extension() is not None and isa() is not None
 
 
+def launch(x: torch.Tensor, packed, bias: torch.Tensor | None, reference, call) -> torch.Tensor:
+    """The shared body of the CPU launchers: y = x @ W.T (+ bias) for `packed` (shape (N, K)) by
+    `call(ext, x2, bias32, isa)` on x as fp32 [M, K], or by `reference(x, packed, bias)` where the
+    kernels cannot run (no extension, no ISA path, x not on the CPU). y has x's leading dims and dtype."""
+    from ._launch import flatten_rows
+    from .cpu_formats import _check_x
+
+    _check_x(x, packed.shape, bias)
+    ext, path = extension(), isa()
+    if ext is None or path is None or x.device.type != "cpu":
+        return reference(x, packed, bias)
+    x2 = flatten_rows(x).float().contiguous()
+    y = call(ext, x2, None if bias is None else bias.float().contiguous(), path)
+    return y.reshape(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
 def reset_for_tests() -> None:
     """Forget the loaded state (tests simulate a failed build, then restore)."""
     _state.clear()

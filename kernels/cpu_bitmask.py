@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu_ext import extension, isa
-from ._launch import flatten_rows
-from .cpu_formats import PackedBitmask, _check_x, linear_bitmask_reference
+from ._cpu_ext import launch
+from .cpu_formats import PackedBitmask, linear_bitmask_reference
 
 __all__ = ["linear_bitmask_cpu"]
 
 
 def linear_bitmask_cpu(x: torch.Tensor, packed: PackedBitmask, bias: torch.Tensor | None = None) -> torch.Tensor:
-    _check_x(x, packed.shape, bias)
-    ext, path = extension(), isa()
-    if ext is None or path is None or x.device.type != "cpu":
-        return linear_bitmask_reference(x, packed, bias)
     n, k = packed.shape
-    x2 = flatten_rows(x).float().contiguous()
-    y = ext.bitmask(x2, packed.values, packed.masks, packed.block_ptr, n, k,
-                    None if bias is None else bias.float().contiguous(), path)
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    return launch(x, packed, bias, linear_bitmask_reference,
+                  lambda ext, x2, b, path: ext.bitmask(x2, packed.values, packed.masks, packed.block_ptr, n, k, b, path))

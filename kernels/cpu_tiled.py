@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu_ext import extension, isa
-from ._launch import flatten_rows
-from .cpu_formats import PackedTiled, _check_x, linear_tiled_reference
+from ._cpu_ext import launch
+from .cpu_formats import PackedTiled, linear_tiled_reference
 
 __all__ = ["linear_tiled_cpu"]
 
 
 def linear_tiled_cpu(x: torch.Tensor, packed: PackedTiled, bias: torch.Tensor | None = None) -> torch.Tensor:
-    _check_x(x, packed.shape, bias)
-    ext, path = extension(), isa()
-    if ext is None or path is None or x.device.type != "cpu":
-        return linear_tiled_reference(x, packed, bias)
     n, k = packed.shape
-    x2 = flatten_rows(x).float().contiguous()
-    y = ext.tiled(x2, packed.values, packed.cols, packed.tile_ptr, packed.row_ptr, n, k, packed.tile,
-                  None if bias is None else bias.float().contiguous(), path)
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    return launch(x, packed, bias, linear_tiled_reference,
+                  lambda ext, x2, b, path: ext.tiled(x2, packed.values, packed.cols, packed.tile_ptr, packed.row_ptr,
+                                                     n, k, packed.tile, b, path))

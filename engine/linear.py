@@ -23,6 +23,9 @@ Backends of a materialized tier (`TierWeights`):
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -33,6 +36,8 @@ from torch import nn
 from .elastic_format import ElasticSpec, active_lora_groups, merged_weight, tier_mask
 from .options import Backend
 from .tiers import TierKind, TierPlan, TierSpec
+
+log = logging.getLogger("sparsedial.engine")
 
 
 @dataclass
@@ -142,15 +147,18 @@ def _cpu_kernels_serve(w: torch.Tensor, backend: Backend) -> bool:
     return _cpu_ext.available()
 
 
-@functools.cache
-def dense_bf16_max_rows() -> int | None:
-    """Rows up to which a dense tier runs the bf16 kernel; None: every row count (fp32 MKL never).
+_rows_lock = threading.Lock()
 
-    Up to DENSE_BF16_MAX_ROWS (decode) always: faster than MKL on every machine measured. Above, it depends
-    on MKL's code path for the CPU: measured once per process (a 2048 x 2048 weight at 128 rows, best of 3
-    each way, ~30 ms) on the layout the fp32 path serves. On the AMD EPYC of docs/benchmarks.md MKL ran at
-    0.49x / 0.57x of the bf16 kernel's speed at 32 / 128 rows (benchmarks/bench_cpu_kernels.py --fp32);
-    the Intel Xeon of earlier runs favoured MKL at prefill sizes."""
+
+@functools.cache
+def _measured_dense_bf16_max_rows() -> int | None:
+    env = os.environ.get("SPARSEDIAL_CPU_DENSE_BF16_ROWS", "").strip().lower()
+    if env:
+        if env == "all":
+            return None
+        if not env.isdigit():
+            raise ValueError(f"SPARSEDIAL_CPU_DENSE_BF16_ROWS must be 'all' or a row count, got {env!r}")
+        return int(env)
     import time
 
     from sparsedial.kernels.cpu_dispatch import cpu_linear
@@ -166,7 +174,26 @@ def dense_bf16_max_rows() -> int | None:
                 t = time.perf_counter()
                 run()
                 best[kind] = min(best[kind], time.perf_counter() - t)
-    return None if best["bf16"] < best["mkl"] else DENSE_BF16_MAX_ROWS
+    rows = None if best["bf16"] < best["mkl"] else DENSE_BF16_MAX_ROWS
+    log.info("dense CPU tiers: the bf16 kernel %s (128 rows: bf16 %.1f ms, fp32 MKL %.1f ms; "
+             "SPARSEDIAL_CPU_DENSE_BF16_ROWS=all|N fixes it)",
+             "at every row count" if rows is None else f"up to {rows} rows, fp32 MKL above",
+             best["bf16"] * 1e3, best["mkl"] * 1e3)
+    return rows
+
+
+def dense_bf16_max_rows() -> int | None:
+    """Rows up to which a dense tier runs the bf16 kernel; None: every row count (fp32 MKL never).
+
+    Up to DENSE_BF16_MAX_ROWS (decode) always: faster than MKL on every machine measured. Above, it depends
+    on MKL's code path for the CPU: measured once per process (a 2048 x 2048 weight at 128 rows, best of 3
+    each way, ~30 ms) on the layout the fp32 path serves. On the AMD EPYC of docs/benchmarks.md MKL ran at
+    0.49x / 0.57x of the bf16 kernel's speed at 32 / 128 rows (benchmarks/bench_cpu_kernels.py --fp32);
+    the Intel Xeon of earlier runs favoured MKL at prefill sizes. The measurement is logged; the environment
+    variable SPARSEDIAL_CPU_DENSE_BF16_ROWS=all (or a row count) replaces it, for runs that must not depend
+    on the machine's load (above the limit the math differs: fp32 weights instead of bf16)."""
+    with _rows_lock:  # one measurement per process, even when tiers are built from two threads
+        return _measured_dense_bf16_max_rows()
 
 
 def _dense_cpu_tier(w: torch.Tensor) -> TierWeights:

@@ -2,8 +2,9 @@
 
 Kernel (kernels/cpu/impl.h, ``bitmask``): per block of 4 output rows and 16 inputs, the rows' mask words and
 their next popcount(mask) values, widened and expanded into dense vectors (AVX-512: a vpermps by prefix
-popcounts; AVX2: a pshufb table per mask byte) that feed up to 4 (AVX2: 2) rows of x per pass. Threads over
-blocks of rows. Reference: ``linear_bitmask_reference``.
+popcounts; AVX2: a pshufb table per mask byte) that feed up to 8 (AVX2: 4) rows of x in registers; more rows
+expand each 512 inputs once into an L1 scratch read by passes of 4 (AVX2: 2) rows. Threads over blocks of
+rows. Reference: ``linear_bitmask_reference``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bf16 (round to nearest even) and is otherwise exact: ``unpack(pack(W, mask)) == 
   2 (1 - s) + 0.125 bytes/weight: 50% -> 1.125, 70% -> 0.725, 2:4 -> 1.125. Its kernel expands each 16
   inputs to a dense vector (the FMAs stay dense), so it wins wherever the bytes bound the matmul (one to a
   few rows of x).
-* ``PackedTiled`` (unstructured tiers from 85%): each row's kept weights grouped by K-tiles of ``tile`` (256)
+* ``PackedTiled`` (80-90% tiers, for several rows; per ISA path, engine/linear.py ``SPARSE_FORMATS``): each row's kept weights grouped by K-tiles of ``tile`` (256)
   inputs; per (row, tile) a segment of bf16 values + a one-byte column inside the tile, padded to a
   multiple of 8 entries (value 0, column 0) so kernels run whole vectors; segments are stored row after
   row, so a block of output rows is one contiguous run of bytes. 3 bytes per kept weight + padding
@@ -178,6 +178,16 @@ class PackedBitmask:
     masks: torch.Tensor
     block_ptr: torch.Tensor
     shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        """A bitmask whose masks disagree with its offsets would make the kernel read past `values`: checked
+        here once (in C++, where the extension runs; the torch reference raises on such input anyway)."""
+        from ._cpu_ext import extension
+
+        ext = extension() if self.values.device.type == "cpu" else None
+        if ext is not None and not ext.bitmask_valid(self.values, self.masks, self.block_ptr, *self.shape):
+            raise ValueError(f"inconsistent PackedBitmask of shape {self.shape}: its masks, block offsets and "
+                             f"values disagree (build it with pack_bitmask)")
 
     @property
     def nbytes(self) -> int:

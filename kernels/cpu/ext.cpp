@@ -96,6 +96,7 @@ at::Tensor bitmask(const at::Tensor& x, const at::Tensor& vals, const at::Tensor
                    int64_t N, int64_t K, const c10::optional<at::Tensor>& bias, const std::string& isa) {
   const bool wide = use_512(isa);
   check_x(x, K);
+  TORCH_CHECK(K > 0 && N > 0, "the weight must have K > 0 inputs and N > 0 outputs");
   const int64_t R = sdcpu::kBitmaskRows, blocks = (N + R - 1) / R, G = (K + 15) / 16, M = x.size(0);
   TORCH_CHECK(masks.dim() == 3 && masks.size(0) == blocks && masks.size(1) == G && masks.size(2) == R,
               "masks must be [ceil(N / 4), ceil(K / 16), 4] 16-bit words");
@@ -109,6 +110,33 @@ at::Tensor bitmask(const at::Tensor& x, const at::Tensor& vals, const at::Tensor
     at::parallel_for(0, blocks, (kGrain + R - 1) / R,
                      [&](int64_t b, int64_t e) { (wide ? sdcpu_avx512::bitmask : sdcpu_avx2::bitmask)(a, b, e); });
   return y;
+}
+
+// True when a bitmask format is self-consistent (PackedBitmask checks it once, at construction): offsets
+// start at 0 and each block's count equals its masks' popcount, no bit past K, vals covers it + 16. The
+// kernel advances through vals by the popcounts, so a format failing this would read past vals.
+bool bitmask_valid(const at::Tensor& vals, const at::Tensor& masks, const at::Tensor& block_ptr, int64_t N,
+                   int64_t K) {
+  const int64_t R = sdcpu::kBitmaskRows, blocks = (N + R - 1) / R, G = (K + 15) / 16;
+  if (!(masks.dim() == 3 && masks.size(0) == blocks && masks.size(1) == G && masks.size(2) == R &&
+        masks.scalar_type() == at::kShort && masks.is_contiguous() && block_ptr.scalar_type() == at::kLong &&
+        block_ptr.is_contiguous() && block_ptr.numel() == blocks + 1 && vals.dim() == 1))
+    return false;
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>());
+  const int64_t* bp = block_ptr.data_ptr<int64_t>();
+  const uint32_t tail = K % 16 ? (1u << (K % 16)) - 1 : 0xffffu;  // bits the last group may hold
+  if (bp[0] != 0) return false;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t c = 0;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < R; ++r) {
+        const uint32_t w = mp[(b * G + g) * R + r];
+        if ((g == G - 1 && (w & ~tail)) || (b * R + r >= N && w)) return false;
+        c += __builtin_popcount(w);
+      }
+    if (bp[b + 1] - bp[b] != c) return false;
+  }
+  return vals.numel() >= bp[blocks] + 16;
 }
 
 // The bitmask packer (kernels/cpu_formats.py, pack_bitmask: same output as its torch path, in one pass per
@@ -172,5 +200,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_bf16", &dense_bf16);
   m.def("tiled", &tiled);
   m.def("bitmask", &bitmask);
+  m.def("bitmask_valid", &bitmask_valid, "True when a bitmask format's masks, offsets and values agree");
   m.def("pack_bitmask", &pack_bitmask, "the bitmask format of w (float32) at the positions keep keeps");
 }

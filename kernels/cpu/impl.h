@@ -2,9 +2,11 @@
 // pragma, SDCPU_NS (their namespace) and SDCPU_W (fp32 lanes of the main vector: 8 or 16), then include
 // this file. Everything here has internal linkage except the four entry points declared in sd_cpu.h.
 // Weights are bf16 (raw uint16 bits, widened exactly to fp32 by a 16-bit shift); x, accumulators and y are
-// fp32. Each entry point computes output rows [n0, n1) for every row of x; ext.cpp splits N over threads.
+// fp32. Each entry point computes output rows [n0, n1) (bitmask: blocks of 4 rows [b0, b1)) for every row
+// of x; ext.cpp splits them over threads.
 #include <immintrin.h>
 #include <stdint.h>
+#include <cstring>
 
 #include "sd_cpu.h"
 
@@ -183,9 +185,15 @@ inline void tiled_mq(const TiledArgs& a, int64_t n, int64_t c) {
 // rows of x like the dense kernel's weight vector: the bytes read scale with the kept weights (2 per value
 // + 1/8 per input), the FMAs stay dense. AVX-512: lane j takes value popcount(mask & (2^j - 1)) (vpopcntd
 // on the broadcast mask) through one zero-masked vpermps (vexpandps does the same in one instruction but
-// measured 2.5x slower on the AMD EPYC of docs/benchmarks.md). AVX2: per 8 inputs a pshufb control from a
+// measured 2.7x slower on the AMD EPYC of docs/benchmarks.md). AVX2: per 8 inputs a pshufb control from a
 // 256-entry table (one per mask byte) places the values, then the 8 words are widened.
 constexpr int kBmRows = sdcpu::kBitmaskRows;
+// The 4 rows' 16-bit masks of group g as one 64-bit word (row i in bits 16 i ..; memcpy: no aliasing UB)
+inline uint64_t masks4(const uint16_t* mp, int64_t g) {
+  uint64_t m;
+  std::memcpy(&m, mp + g * kBmRows, sizeof m);
+  return m;
+}
 #if SDCPU_W == 16
 // Rows r0 .. r0 + NR of block `blk` times rows m0 .. m0 + MB of x, weights expanded in registers.
 template <int NR, int MB>
@@ -193,7 +201,7 @@ inline void bitmask_tile(const BitmaskArgs& a, int64_t blk, int r0, int64_t m0, 
   const int64_t K = a.K, G = a.G;
   const float* x = a.x + m0 * K;
   const uint16_t* gp = a.vals + a.block_ptr[blk];  // the current group's first value
-  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * G;
+  const uint16_t* mp = a.masks + blk * G * kBmRows;
   const uint64_t before = r0 ? (uint64_t{1} << (16 * r0)) - 1 : 0;  // mask bits of the rows before r0
   vf acc[NR][MB];
   for (int i = 0; i < NR; ++i)
@@ -209,7 +217,7 @@ inline void bitmask_tile(const BitmaskArgs& a, int64_t blk, int r0, int64_t m0, 
       const __mmask16 t = static_cast<__mmask16>((1u << (K - k)) - 1);
       for (int b = 0; b < MB; ++b) xv[b] = _mm512_maskz_loadu_ps(t, x + b * K + k);
     }
-    const uint64_t m4 = mp[g];
+    const uint64_t m4 = masks4(mp, g);
     const uint16_t* vp = gp + __builtin_popcountll(m4 & before);
     gp += __builtin_popcountll(m4);
     for (int i = 0; i < NR; ++i) {
@@ -258,14 +266,14 @@ inline void bitmask_tile(const BitmaskArgs& a, int64_t blk, int r0, int64_t m0, 
   const int64_t K = a.K, G = a.G;
   const float* x = a.x + m0 * K;
   const uint16_t* gp = a.vals + a.block_ptr[blk];
-  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * G;
+  const uint16_t* mp = a.masks + blk * G * kBmRows;
   const uint64_t before = r0 ? (uint64_t{1} << (16 * r0)) - 1 : 0;
   __m256 acc[NR][MB];
   for (int i = 0; i < NR; ++i)
     for (int b = 0; b < MB; ++b) acc[i][b] = _mm256_setzero_ps();
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t g = 0; g < G; ++g) {
-    const uint64_t m4 = mp[g];
+    const uint64_t m4 = masks4(mp, g);
     // the group's values are row 0's, row 1's...: the second half of a row starts after its first half
     const uint16_t* rv[NR];
     const uint16_t* vp = gp + __builtin_popcountll(m4 & before);
@@ -332,9 +340,9 @@ constexpr int64_t kBmSmallMax = SDCPU_W == 16 ? 8 : 4;  // more rows of x: the s
 // on it (instead of expanding the same weights again for each pass); partial sums go to y per chunk.
 constexpr int64_t kBmChunk = 512;
 
-inline void bitmask_expand_chunk(const uint16_t*& vp, const uint64_t* mp, int64_t g0, int64_t g1, float* ws) {
+inline void bitmask_expand_chunk(const uint16_t*& vp, const uint16_t* mp, int64_t g0, int64_t g1, float* ws) {
   for (int64_t g = g0; g < g1; ++g) {
-    const uint64_t m4 = mp[g];
+    const uint64_t m4 = masks4(mp, g);
     const int64_t o = 16 * (g - g0);
 #if SDCPU_W == 16
     const __m512i below = _mm512_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767);
@@ -397,7 +405,7 @@ inline void bitmask_scratch_mb(const BitmaskArgs& a, const float* ws, int64_t bl
 inline void bitmask_scratch(const BitmaskArgs& a, int64_t blk, int rows) {
   alignas(64) float ws[kBmRows * kBmChunk];
   const uint16_t* vp = a.vals + a.block_ptr[blk];
-  const uint64_t* mp = reinterpret_cast<const uint64_t*>(a.masks) + blk * a.G;
+  const uint16_t* mp = a.masks + blk * a.G * kBmRows;
   for (int64_t k0 = 0; k0 < a.K; k0 += kBmChunk) {
     const int64_t kc = a.K - k0 < kBmChunk ? a.K - k0 : kBmChunk;
     const int64_t g0 = k0 / 16, g1 = (k0 + kc + 15) / 16;

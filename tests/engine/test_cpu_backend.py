@@ -156,3 +156,25 @@ def test_the_lm_head_reads_a_bf16_copy_at_decode(models):
             want = long.double() @ head.weight.detach().to(torch.bfloat16).double().T
             torch.testing.assert_close(head(long).double(), want, rtol=1e-4, atol=1e-4)
     assert set(dict(new.model.named_parameters())) == set(dict(old.model.named_parameters()))
+
+
+def test_the_dense_kernel_limit_can_be_fixed_by_the_environment(monkeypatch):
+    """dense_bf16_max_rows measures the bf16 kernel against MKL once per process; the environment replaces
+    the measurement (runs that must not depend on the machine's load) and a bad value is refused."""
+    from sparsedial.engine import linear
+
+    linear._measured_dense_bf16_max_rows.cache_clear()
+    try:
+        monkeypatch.setenv("SPARSEDIAL_CPU_DENSE_BF16_ROWS", "all")
+        assert linear.dense_bf16_max_rows() is None
+        linear._measured_dense_bf16_max_rows.cache_clear()
+        monkeypatch.setenv("SPARSEDIAL_CPU_DENSE_BF16_ROWS", "48")
+        assert linear.dense_bf16_max_rows() == 48
+        w = torch.randn(8, 16)
+        assert linear._dense_cpu_tier(w).cpu_max_rows == 48
+        linear._measured_dense_bf16_max_rows.cache_clear()
+        monkeypatch.setenv("SPARSEDIAL_CPU_DENSE_BF16_ROWS", "many")
+        with pytest.raises(ValueError, match="SPARSEDIAL_CPU_DENSE_BF16_ROWS"):
+            linear.dense_bf16_max_rows()
+    finally:
+        linear._measured_dense_bf16_max_rows.cache_clear()

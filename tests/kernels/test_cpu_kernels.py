@@ -157,6 +157,20 @@ def test_the_cpp_bitmask_packer_equals_the_torch_packer():
             torch.testing.assert_close(fast.values, ref.values, rtol=0, atol=0, equal_nan=True)
 
 
+def test_an_inconsistent_bitmask_is_refused_before_any_kernel_reads_it():
+    """Masks that claim more values than the offsets hold would make the kernel read past the values."""
+    import dataclasses
+
+    if _cpu_ext.extension() is None:
+        pytest.skip("the extension cannot build here")
+    g = torch.Generator().manual_seed(6)
+    good = pack_bitmask(torch.randn(64, 1024, generator=g), torch.rand(64, 1024, generator=g) >= 0.9)
+    with pytest.raises(ValueError, match="inconsistent PackedBitmask"):
+        dataclasses.replace(good, masks=torch.full_like(good.masks, -1))  # every bit set
+    with pytest.raises(ValueError, match="inconsistent PackedBitmask"):
+        dataclasses.replace(good, values=good.values[:-1])  # the padding cut short
+
+
 def test_every_tier_of_the_embedded_model(isa):
     """Every tier's packed weights of a few linears of the embedded model, kernel vs reference."""
     em = ElasticModel.load(SHIPPED, dtype="float32", resident=(), cpu_kernels=True)

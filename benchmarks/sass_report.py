@@ -158,6 +158,11 @@ def gemv_grid(fn: object, bm: int, bn: int, bk: int):
     return lambda n, k, m: -(-n // bn)
 
 
+def stages(fn: object, num_stages: int) -> dict[str, int]:
+    """The NUM_STAGES constexpr (the K loop's ``tl.range(num_stages=...)``) of kernels that take it."""
+    return {"NUM_STAGES": num_stages} if "NUM_STAGES" in fn.arg_names else {}
+
+
 def legacy_jobs(only: set[str]) -> list[Job]:
     """Every autotune config of the gemv kernels of kernels/triton_24.py, triton_bitmap.py, triton_nested.py."""
     out = []
@@ -172,10 +177,12 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 name = "2:4 gemv gather" if m == 1 else "2:4 gemv expand"
                 if m > 1:
                     fn, shapes = t._gemv_24_expand_kernel, t.EXPAND_SHAPES
-            for bn, bk, w, *_ in shapes:
+            for bn, bk, w, *rest in shapes:
+                st = rest[0] if rest else 2
                 out.append(Job(name, fn, {**h, "meta_ptr": "*i32"},
-                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, w, 2, m, bn * bk,
-                               "dense weight", gemv_grid(fn, m, bn, bk), 0.5, f"BN{bn} BK{bk} w{w}"))
+                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st)}, w,
+                               st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
+                               f"BN{bn} BK{bk} w{w} s{st}"))
         if "bitmap" in only:
             from sparsedial.kernels import triton_bitmap as t
 
@@ -184,13 +191,14 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 name = "bitmap gemv count" if m == 1 else "bitmap gemv popc"
                 if m > 1:
                     fn, shapes = t._gemv_bitmap_popc_kernel, t.POPC_SHAPES
-            for bn, bk, w, *_ in shapes:
+            for bn, bk, w, *rest in shapes:
+                st = rest[0] if rest else 2
                 out.append(Job(name, fn,
                                {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
-                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk,
+                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st),
                                 **({"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True})},
-                               w, 2, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
-                               f"BN{bn} BK{bk} w{w}"))
+                               w, st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
+                               f"BN{bn} BK{bk} w{w} s{st}"))
         if "nested" in only:
             out += nested_jobs(m)
     return out

@@ -61,16 +61,21 @@ def check_triton_device(x: torch.Tensor) -> None:
 # every SM busy with several programs (latency hiding comes from programs in flight, not from the grid).
 NUM_SMS = 132
 SPLIT_K_TARGET_PROGRAMS = 4 * NUM_SMS
+SPLIT_K_MIN_PROGRAMS = 2 * NUM_SMS  # two waves
 SPLIT_K_MAX = 16
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
 def choose_split_k(tiles: int, k: int, block_k: int, min_steps: int = 2) -> int:
     """Splits of K (a power of 2) for `tiles` output tiles: enough for SPLIT_K_TARGET_PROGRAMS programs,
-    each split keeping >= min_steps K steps of block_k."""
+    each split keeping >= min_steps K steps of block_k; then, while the grid is still under two waves
+    (2 programs per SM), splits down to one K step each (a short split costs one more partial; an idle SM
+    costs its share of the bandwidth)."""
     split = 1
     steps = -(-k // block_k)
     while tiles * split < SPLIT_K_TARGET_PROGRAMS and split < SPLIT_K_MAX and steps >= 2 * min_steps * split:
+        split *= 2
+    while tiles * split < SPLIT_K_MIN_PROGRAMS and split < SPLIT_K_MAX and steps >= 2 * split:
         split *= 2
     return split
 

@@ -50,6 +50,8 @@ def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, **fl
         if config.split_k is not None:
             grid = (grid[0], config.split_k, grid[2])
         ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], device)
+        if "NUM_STAGES" in kernel.arg_names:  # the K loop's tl.range(num_stages): cp.async stages
+            flags = {**flags, "NUM_STAGES": config.num_stages}
         kernel[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                      num_warps=config.num_warps, num_stages=config.num_stages, **flags)
         return

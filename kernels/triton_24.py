@@ -7,7 +7,8 @@ them in registers into the four dense columns of each group, ``w_c[n, g] = W[n, 
 selects on the 2-bit indices (pack_24 stores a group's two indices in increasing order, so i0 < i1):
 * ``gemv`` for one row of x (``_gemv_24_kernel``): no expansion. Values as [BLOCK_N, W, 16] (W = BLOCK_K / 32
   meta words), one meta word per 16 values, x gathered at each stored value's input, one fp32 FMA per
-  stored value; the next step's values and meta are loaded one step ahead (registers), 32-bit offsets;
+  stored value; values and meta are cp.async copies NUM_STAGES - 1 steps ahead (Triton's pipeliner, the K
+  loop is a ``tl.range(num_stages=...)``), 32-bit offsets;
 * ``gemv`` for 2..8 rows (``_gemv_24_expand_kernel``): the four dense columns as above feed fp32 FMAs for
   every row of x (the x tile [G, 4] loaded once, coalesced, split in registers), so the weight is read once.
   Both gemv kernels split K over the grid's second axis (``_triton_util.store_split_k``);
@@ -40,22 +41,27 @@ __all__ = ["linear_24_triton"]
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-GEMV_SHAPES = [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8)]  # gather kernel, M = 1
-EXPAND_SHAPES = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 128, 4)]  # expand kernel, M = 2..8
+# gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages); num_stages is also the K loop's tl.range(num_stages) (cp.async)
+# gather, M = 1: 8192 weights a step (32 values a thread), so split-K reaches two waves at N = 1024, K = 4096
+GEMV_SHAPES = [(16, 512, 4, 2), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 3)]
+EXPAND_SHAPES = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 3)]  # expand, 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 256, 4, 2), (16, 64, 256, 4, 2), (64, 64, 128, 4, 3),
               (64, 128, 128, 8, 3), (128, 128, 128, 8, 3)]
 
 
-def _gemv_configs() -> list[triton.Config]:
+def _staged_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in shapes]
+
+
+def _gemv_configs() -> list[triton.Config]:
+    return _staged_configs(GEMV_SHAPES)
 
 
 def _expand_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in EXPAND_SHAPES]
+    return _staged_configs(EXPAND_SHAPES)
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -95,7 +101,7 @@ def _gemv_24_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # Gather x, FMA only the stored values: per step, values [BN, W, 16] (W = BLOCK_K / 32 meta words, 16
     # values per word) and one meta word per 16 values; value (w, j) sits at input 32 w + 4 (j // 2) + idx.
@@ -121,23 +127,13 @@ def _gemv_24_kernel(
     shift = 2 * j
     m_ok = (offs_m < M)[:, None, None, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N, W, 16), dtype=tl.float32)
-    # Registers hold the next step's values and meta while this step computes (a software prefetch).
-    h = k_lo // 2 + rel
-    vmask = n_mask[:, None, None] & (h < k_hi // 2)[None, :, :]
-    v_next = tl.load(v_rows + h[None, :, :], mask=vmask, other=0.0)
     w_hi = (k_hi + 31) // 32  # words of this split (a split ends on a K step, so on a word)
-    wmask = n_mask[:, None] & (k_lo // 32 + w < w_hi)[None, :]
-    word_next = tl.load(m_rows + (k_lo // 32 + w)[None, :], mask=wmask, other=0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        v = v_next
-        word = word_next
-        mask = vmask
-        kn = k0 + BLOCK_K
-        h = kn // 2 + rel
-        vmask = n_mask[:, None, None] & (h < k_hi // 2)[None, :, :]
-        v_next = tl.load(v_rows + h[None, :, :], mask=vmask, other=0.0)
-        wmask = n_mask[:, None] & (kn // 32 + w < w_hi)[None, :]
-        word_next = tl.load(m_rows + (kn // 32 + w)[None, :], mask=wmask, other=0)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # values and meta: cp.async copies
+        h = k0 // 2 + rel
+        mask = n_mask[:, None, None] & (h < k_hi // 2)[None, :, :]
+        v = tl.load(v_rows + h[None, :, :], mask=mask, other=0.0)  # [BN, W, 16]
+        wmask = n_mask[:, None] & (k0 // 32 + w < w_hi)[None, :]
+        word = tl.load(m_rows + (k0 // 32 + w)[None, :], mask=wmask, other=0)  # [BN, W]
         idx = (word[:, :, None] >> shift[None, None, :]) & 3  # [BN, W, 16]
         col = k0 + col0[None, :, :] + idx
         xv = tl.load(x_rows + col[None, :, :, :], mask=m_ok & mask[None, :, :, :], other=0.0)
@@ -153,6 +149,7 @@ def _gemv_24_expand_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # M >= 2: expand W to its four dense columns per group (x is reused across rows); split-K as the gather kernel
     pid_n = tl.program_id(0)
@@ -168,7 +165,7 @@ def _gemv_24_expand_kernel(
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
     offs_m = pid_m * BLOCK_M + rows_m
     c4 = tl.arange(0, 4)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # values, meta and x: cp.async copies
         g = k0 // 4 + tl.arange(0, G)
         w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
         # x tile [BLOCK_M, G, 4] of every row, loaded once (coalesced), split into its 4 columns in registers

@@ -7,11 +7,14 @@ kept weight (n, k) at ``row_ptr[n] + offset[n, w] + popcount(word & (2**(k % 32)
 input: no prefix sum along the row). Values are compacted row-major, so a step's reads of one row are one
 contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds fp32 FMAs for
 every row of x (``gemv``, decode; the weight is read once for all rows) or a ``tl.dot`` (``dot``).
-The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: each thread owns whole
-bitmap words and walks their 32 inputs in order with a running count (``offset`` + kept inputs so far), so
-no popcount and no broadcast of a word to 32 lanes; the 2..8-row gemv (``_gemv_bitmap_popc_kernel``) keeps
-the popcount tile above. Both split K over the grid's second axis, load the next step's words and offsets
-one step ahead and use 32-bit offsets. Reference: ``linear_bitmap_reference``.
+The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: lanes run along K (one
+bitmap word per lane, the rows of the block across warps and registers, so each x load serves several
+rows), and each thread walks its word's 32 inputs in order with a running pointer to the next kept value
+(no popcount, no broadcast of a word to 32 lanes); words and word offsets are cp.async copies, pipelined
+``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``). The 2..8-row gemv
+(``_gemv_bitmap_popc_kernel``) keeps the popcount tile above. Both split K over the grid's second axis and use
+32-bit offsets.
+Reference: ``linear_bitmap_reference``.
 """
 
 from __future__ import annotations
@@ -37,22 +40,27 @@ __all__ = ["linear_bitmap_triton"]
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-GEMV_SHAPES = [(32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (8, 512, 4)]  # M = 1: >= 1 word a thread
-POPC_SHAPES = [(4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (4, 512, 4)]  # M = 2..8
+# M = 1, (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K / 32 words along the lanes (a warp at 1024, half a
+# warp at 512), each thread holds one word of BLOCK_N * BLOCK_K / (1024 * num_warps) rows (8 at one warp), and
+# those rows share each x load; 8192 weights a step, so split-K reaches two waves at N = 1024, K = 4096.
+GEMV_SHAPES = [(8, 1024, 1, 2), (8, 1024, 1, 3), (16, 512, 1, 3), (32, 256, 1, 3), (16, 512, 2, 3)]
+POPC_SHAPES = [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (16, 128, 4, 3), (4, 512, 4, 3)]  # M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (32, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 
 
 def _gemv_configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in GEMV_SHAPES]
 
 
 def _popc_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in POPC_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in POPC_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -86,54 +94,58 @@ def _gemv_bitmap_kernel(
     x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # M = 1. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
-    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
-    # waits on one DRAM round trip (values) instead of two (words, then values).
+    # M = 1 (row pid_m of x). Lanes along K: the [BLOCK_N, BW] word tile has no contiguity along its words
+    # (max_contiguous 1), so Triton lays one word per lane along K and the rows across warps and registers:
+    # a warp reads 32 consecutive words of a row (128 B), and each thread holds the same word of
+    # BLOCK_N / num_warps rows, so one x load per input serves all of them. The words and the word offsets
+    # (read as int32 pairs, 4 bytes a thread) are loaded by cp.async, NUM_STAGES - 1 steps ahead (Triton's
+    # pipeliner, tl.range(num_stages)); the value gather (2 bytes, data-dependent) stays a register load.
+    # Split-K (grid axis 1); 32-bit value indices (the launcher checks nnz and N * words < 2**31).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     SPLIT_K = tl.num_programs(1)
     k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     n_words = (K + 31) // 32
     w_hi = (k_hi + 31) // 32
-    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]
-    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]  # [BN, 1]
     BW: tl.constexpr = BLOCK_K // 32
-    wi = tl.arange(0, BW)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
-    w = k_lo // 32 + wi
-    mask = n_mask[:, None] & (w < w_hi)[None, :]
-    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
-    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-    x_rows = x_ptr + (offs_m * stride_xm)[:, None]  # [BM, 1]
-    m_ok = (offs_m < M)[:, None]
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        word = word_next
-        cnt = off_next.to(tl.int32) & 0xFFFF  # running count: kept values of the row before this input
-        w = (k0 + BLOCK_K) // 32 + wi
+    wi = tl.max_contiguous(tl.arange(0, BW), 1)  # one word per lane: no vector loads along K
+    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
+    pairs_ptr = offsets_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # int16 offsets, two per int32
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        w = k0 // 32 + wi
         mask = n_mask[:, None] & (w < w_hi)[None, :]
-        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
-        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-        # One word per thread slot: walk its 32 inputs in order with an in-thread running count (no
-        # popcount, no broadcast of the word to 32 lanes); the tensors stay in the word tile's layout.
-        x_word = x_rows + (k0 + 32 * wi)[None, :]  # [BM, BW]
-        x_ok = m_ok & (k0 + 32 * wi < K)[None, :]
+        e = rows + w[None, :]  # flat word index
+        word = tl.load(bitmap_ptr + e, mask=mask, other=0)  # [BN, BW] int32, padding bits past K are 0
+        pair = tl.load(pairs_ptr + (e >> 1), mask=mask, other=0)
+        off = (pair >> ((e & 1) * 16)) & 0xFFFF  # kept values of the row before the word
+        vp = values_ptr + (row_start + off)  # running pointer: the next kept value of the word
+        if EVEN_K:  # clamped, unmasked x loads (words past the split are all zero bits)
+            xw = x_row + tl.minimum(k0 + 32 * wi, K - 32)
+        else:
+            xw = x_row + k0 + 32 * wi
         for t in tl.static_range(32):
-            bit = (word >> t) & 1
-            v = tl.load(row_vals + cnt, mask=bit != 0, other=0.0)  # [BN, BW]
             if EVEN_K:
-                xv = tl.load(x_word + t, mask=x_ok, other=0.0)  # [BM, BW]
-            else:  # the last word runs past K
-                xv = tl.load(x_word + t, mask=x_ok & (k0 + 32 * wi + t < K)[None, :], other=0.0)
-            acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)[:, None, :]
-            cnt += bit
-    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                xf = tl.load(xw + t).to(tl.float32)[None, :]  # [1, BW], shared by the thread's rows
+            else:
+                xf = tl.load(xw + t, mask=k0 + 32 * wi + t < K, other=0.0).to(tl.float32)[None, :]
+            if t == 31:
+                kept = word < 0
+            else:
+                kept = (word & (1 << t)) != 0
+            v = tl.load(vp, mask=kept, other=0.0)
+            acc += v.to(tl.float32) * xf
+            vp = tl.where(kept, vp + 1, vp)
+    acc2 = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    offs_m = pid_m + tl.arange(0, 1)
+    store_split_k(acc2, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
                   pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
@@ -142,11 +154,12 @@ def _gemv_bitmap_popc_kernel(
     x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, HW_POPC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # M >= 2 (x reused across rows): the dense tile by one popcount per input, as the dot kernel. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
-    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
-    # waits on one DRAM round trip (values) instead of two (words, then values).
+    # M >= 2 (x reused across rows): the dense tile by one popcount per input, as the dot kernel. Split-K
+    # (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31); the words, word offsets
+    # and x tile are cp.async copies NUM_STAGES - 1 steps ahead (Triton's pipeliner), so the dependent value
+    # gather of a step waits on one DRAM round trip (values) instead of two (words, then values).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -164,17 +177,11 @@ def _gemv_bitmap_popc_kernel(
     t = tl.arange(0, 32)
     below = ~(-1 << t)[None, None, :]  # bits below t
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w = k_lo // 32 + wi
-    mask = n_mask[:, None] & (w < w_hi)[None, :]
-    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
-    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        word = word_next
-        off = off_next.to(tl.int32) & 0xFFFF
-        w = (k0 + BLOCK_K) // 32 + wi
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # words, offsets and x: cp.async
+        w = k0 // 32 + wi
         mask = n_mask[:, None] & (w < w_hi)[None, :]
-        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
-        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
+        word = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
+        off = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0).to(tl.int32) & 0xFFFF
         word3 = word[:, :, None]  # [BN, BW, 1]: broadcast over the word's 32 inputs
         kept = ((word3 >> t[None, None, :]) & 1) != 0  # padding bits past K are 0
         rank = popcount32(word3 & below, HW_POPC)  # kept inputs before t in the word
@@ -261,6 +268,10 @@ def linear_bitmap_triton(
         ptrs, rest = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y), (m, n, k, x2.stride(0), y.stride(0))
         if (config.block_m if config else m) == 1:  # one row: walk each word with a running count
             shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES
+            flat = offsets.reshape(-1)
+            if flat.numel() % 2 or flat.data_ptr() % 4:  # read as int32 pairs: even length, 4-byte aligned
+                flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+            ptrs = (x2, packed.bitmap, flat, packed.values, packed.row_ptr, b, y)
             launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
                         HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0)
         else:

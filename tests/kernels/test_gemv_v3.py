@@ -50,9 +50,13 @@ def test_gemv_split_k(case: str, fmt: str, device: torch.device) -> None:
 
 @needs_triton
 def test_choose_split_k() -> None:
-    from sparsedial.kernels._launch import SPLIT_K_TARGET_PROGRAMS, choose_split_k
+    from sparsedial.kernels._launch import NUM_SMS, SPLIT_K_TARGET_PROGRAMS, choose_split_k
 
     assert choose_split_k(4096, 4096, 512) == 1  # enough tiles already
     split = choose_split_k(128, 4096, 512)  # 1024 x 4096 at BLOCK_N = 8
     assert 128 * split >= SPLIT_K_TARGET_PROGRAMS // 2 and 4096 // 512 // split >= 2
-    assert choose_split_k(16, 128, 64) == 1  # 2 K steps: no split
+    # 1024 x 4096 at 16 x 512 tiles: 64 tiles, 8 K steps; two splits of >= 2 steps give 256 programs, under
+    # two waves, so it splits to one step each
+    assert choose_split_k(64, 4096, 512) == 8 and 64 * 8 >= 2 * NUM_SMS
+    assert choose_split_k(16, 128, 64) == 2  # 2 K steps, 16 tiles: one step a split (under two waves)
+    assert choose_split_k(16, 64, 64) == 1  # one K step: nothing to split

@@ -7,15 +7,15 @@ CPU-only machine without triton installed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from sparsedial.engine.options import Backend, parse  # the engine's Backend enum: one type for both
 
-from ._launch import KernelPath, interpreter_enabled
+from ._launch import DENSE_PREFILL_MIN_M, KernelPath, interpreter_enabled
 from .formats import Packed24, PackedBitmap
 from .nested import PackedNested, linear_nested_reference
-from .reference import linear_24_reference, linear_bitmap_reference
+from .reference import check_linear_inputs, linear_24_reference, linear_bitmap_reference
 
 __all__ = ["Backend", "sparse_linear"]
-
 
 
 def sparse_linear(
@@ -31,8 +31,9 @@ def sparse_linear(
 
     backend: "auto" runs Triton when x is on CUDA and the torch reference otherwise; "triton" forces the
         kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch" forces the reference.
-    path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows);
-        ``PackedNested`` has only the gemv kernel.
+    path: Triton kernel choice, "gemv" (decode), "dot" (prefill) or "auto" (by the number of rows: from
+        ``DENSE_PREFILL_MIN_M`` rows a 2:4 or bitmap weight is unpacked by a Triton kernel and run by dense
+        ``F.linear`` / cuBLAS, the prefill fallback); ``PackedNested`` has only the gemv kernel.
     tier: which tier of a ``PackedNested`` (0 = sparsest) W is; required for it, not allowed otherwise.
     """
     if not isinstance(packed, (Packed24, PackedBitmap, PackedNested)):
@@ -59,6 +60,9 @@ def sparse_linear(
         from .triton_nested import linear_nested_triton
 
         return linear_nested_triton(x, packed, tier, bias, path=path)
+    if path == "auto" and x.numel() >= DENSE_PREFILL_MIN_M * x.shape[-1]:  # prefill: cuBLAS on the unpacked W
+        check_linear_inputs(x, packed, bias)
+        return F.linear(x, _unpack_triton(packed), None if bias is None else bias.to(x.dtype))
     if isinstance(packed, Packed24):
         from .triton_24 import linear_24_triton
 
@@ -66,3 +70,14 @@ def sparse_linear(
     from .triton_bitmap import linear_bitmap_triton
 
     return linear_bitmap_triton(x, packed, bias, path=path)
+
+
+def _unpack_triton(packed: Packed24 | PackedBitmap) -> torch.Tensor:
+    """Dense [N, K] of a 2:4 or bitmap pack by its Triton unpack kernel (no host sync)."""
+    if isinstance(packed, Packed24):
+        from .triton_24 import unpack_24_triton
+
+        return unpack_24_triton(packed)
+    from .triton_bitmap import unpack_bitmap_triton
+
+    return unpack_bitmap_triton(packed)

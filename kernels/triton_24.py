@@ -36,7 +36,7 @@ from ._triton_util import autotune_bench, launch_gemv, launch_tiled, split_k_ran
 from .formats import Packed24
 from .reference import check_linear_inputs
 
-__all__ = ["linear_24_triton"]
+__all__ = ["linear_24_triton", "unpack_24_triton"]
 
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
@@ -221,6 +221,33 @@ def _dot_24_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     y_mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _unpack_24_kernel(values_ptr, meta_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Dense W [N, K] (zeros at the dropped inputs) for the prefill fallback (cuBLAS on the unpacked weight).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    G: tl.constexpr = BLOCK_K // 4
+    w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
+    g = k0 // 4 + tl.arange(0, G)
+    mask = (offs_n < N)[:, None] & (g < K // 4)[None, :]
+    out = out_ptr + offs_n.to(tl.int64)[:, None] * K + 4 * g[None, :]
+    tl.store(out, w0, mask=mask)
+    tl.store(out + 1, w1, mask=mask)
+    tl.store(out + 2, w2, mask=mask)
+    tl.store(out + 3, w3, mask=mask)
+
+
+def unpack_24_triton(packed: Packed24) -> torch.Tensor:
+    """Dense [N, K] weight of a 2:4 pack (as ``formats.unpack_24``, bit for bit), by one Triton launch."""
+    n, k = packed.shape
+    check_triton_device(packed.values)
+    out = torch.empty(n, k, dtype=packed.dtype, device=packed.device)
+    bn, bk = (16, 64) if interpreter_enabled() else (32, 256)
+    _unpack_24_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](packed.values, packed.meta, out, n, k,
+                                                                 BLOCK_N=bn, BLOCK_K=bk)
+    return out
 
 
 # Autotuned entry points (one tuning per weight shape and row bucket); the raw kernels take explicit tiles.

@@ -35,7 +35,7 @@ from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32,
 from .formats import PackedBitmap, bitmap_word_offsets
 from .reference import check_linear_inputs
 
-__all__ = ["linear_bitmap_triton"]
+__all__ = ["linear_bitmap_triton", "unpack_bitmap_triton"]
 
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
@@ -226,6 +226,36 @@ def _dot_bitmap_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     y_mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _unpack_bitmap_kernel(bitmap_ptr, offsets_ptr, values_ptr, row_ptr, out_ptr, N, K,
+                          HW_POPC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Dense W [N, K] (zeros at the dropped inputs) for the prefill fallback (cuBLAS on the unpacked weight).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    BW: tl.constexpr = BLOCK_K // 32
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    row_start = tl.load(row_ptr + offs_n, mask=offs_n < N, other=0)  # [BN] int64
+    wt = _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N, K, HW_POPC)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (k < K)[None, :]
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :], wt, mask=mask)
+
+
+def unpack_bitmap_triton(packed: PackedBitmap) -> torch.Tensor:
+    """Dense [N, K] weight of a bitmap pack (as ``formats.unpack_bitmap``, bit for bit), by one Triton launch
+    (no boolean indexing, so no device-to-host sync)."""
+    n, k = packed.shape
+    check_triton_device(packed.values)
+    if packed.nnz == 0:
+        return torch.zeros(n, k, dtype=packed.dtype, device=packed.device)
+    offsets = packed.word_offsets if packed.word_offsets is not None else bitmap_word_offsets(packed.bitmap)
+    out = torch.empty(n, k, dtype=packed.dtype, device=packed.device)
+    bn, bk = (16, 64) if interpreter_enabled() else (32, 256)
+    _unpack_bitmap_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        packed.bitmap, offsets, packed.values, packed.row_ptr, out, n, k, HW_POPC=not interpreter_enabled(),
+        BLOCK_N=bn, BLOCK_K=bk)
+    return out
 
 
 # Autotuned entry points (one tuning per weight shape and row bucket); the raw kernels take explicit tiles.

@@ -3,7 +3,8 @@
 ``triton.compile`` runs for a CUDA target (sm_90 / sm_80) without a device: it lowers to PTX, runs Triton's
 bundled ``ptxas`` and returns the cubin; the ``nvdisasm`` and ``cuobjdump`` that ship with Triton
 (``triton/backends/nvidia/bin``) disassemble it and report its resources. Per kernel, config and row
-bucket (M = 1 and M = 8; decode kernels) this reports, from the SASS:
+bucket (M = 1 and M = 8; decode kernels; M = 16 for the 2:4 tensor-core gemv, whose one BLOCK_M = 16 tile
+serves 2..16 rows) this reports, from the SASS:
 
 * the main loop: the largest innermost loop (a backward branch), its instructions per thread per step,
   and those times the threads of a program over the dense weights (or stored values) one step covers;
@@ -201,6 +202,16 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                                f"BN{bn} BK{bk} w{w} s{st}"))
         if "nested" in only:
             out += nested_jobs(m)
+    if "24" in only:
+        from sparsedial.kernels import triton_24 as t
+
+        if hasattr(t, "_gemv_24_tc_kernel"):  # issue 14: tensor-core gemv, 2..16 rows in one BLOCK_M = 16 tile
+            fn = t._gemv_24_tc_kernel
+            for bn, bk, w, st in t.TC_SHAPES:
+                out.append(Job("2:4 gemv tensor-core", fn, {**h, "meta_ptr": "*i32"},
+                               {"HAS_BIAS": False, "IEEE_FP32": False, "BLOCK_M": t.TC_BLOCK_M, "BLOCK_N": bn,
+                                "BLOCK_K": bk, "NUM_STAGES": st}, w, st, t.TC_BLOCK_M, bn * bk, "dense weight",
+                               gemv_grid(fn, t.TC_BLOCK_M, bn, bk), 0.5, f"BN{bn} BK{bk} w{w} s{st}"))
     return out
 
 

@@ -67,7 +67,7 @@ def check_triton_device(x: torch.Tensor) -> None:
 NUM_SMS = 132
 SPLIT_K_TARGET_PROGRAMS = 4 * NUM_SMS
 SPLIT_K_MIN_PROGRAMS = 2 * NUM_SMS  # two waves
-SPLIT_K_MAX = 16
+SPLIT_K_MAX = 32
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 

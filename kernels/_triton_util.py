@@ -40,11 +40,12 @@ def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: in
     return triton.cdiv(n, block_n), choose_split_k(tiles, k, block_k), triton.cdiv(m, block_m)
 
 
-def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, **flags) -> None:
+def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, **flags) -> None:
     """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, BLOCK_K)``:
     autotuned over `shapes` [(BLOCK_N, BLOCK_K, ...)] when config is None, else with that tile (and its
-    split_k, or the heuristic's). BLOCK_M = all rows up to 8, so the weight is read once for decode."""
-    block_m = config.block_m if config else min(next_power_of_2(m), 8)
+    split_k, or the heuristic's). BLOCK_M = block_m, else config's, else all rows up to 8, so the weight is
+    read once for decode."""
+    block_m = block_m or (config.block_m if config else min(next_power_of_2(m), 8))
     if config is not None:
         grid = split_k_grid(n, m, k, block_m, config.block_n, config.block_k)
         if config.split_k is not None:

@@ -9,9 +9,12 @@ selects on the 2-bit indices (pack_24 stores a group's two indices in increasing
   meta words), one meta word per 16 values, x gathered at each stored value's input, one fp32 FMA per
   stored value; values and meta are cp.async copies NUM_STAGES - 1 steps ahead (Triton's pipeliner, the K
   loop is a ``tl.range(num_stages=...)``), 32-bit offsets;
-* ``gemv`` for 2..8 rows (``_gemv_24_expand_kernel``): the four dense columns as above feed fp32 FMAs for
-  every row of x (the x tile [G, 4] loaded once, coalesced, split in registers), so the weight is read once.
-  Both gemv kernels split K over the grid's second axis (``_triton_util.store_split_k``);
+* ``gemv`` for 2..16 rows (``_gemv_24_tc_kernel``, the default): tensor cores with the weight on the MMA's
+  M side, ``acc[BLOCK_N, 16] += W_expanded [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, 16]``, W expanded in registers
+  to input order; under ``path="auto"`` it also takes 9..15 rows (16+ run cuBLAS on the unpacked weight,
+  ``dispatch``). ``_gemv_24_expand_kernel`` (an explicit config with block_m 2..8): the four dense columns
+  feed fp32 FMAs for every row of x. The gemv kernels split K over the grid's second axis
+  (``_triton_util.store_split_k``);
 * ``dot`` (tensor cores): four ``tl.dot(w_c [BLOCK_N, G], x_c [G, BLOCK_M])`` per step, the same number of
   tensor-core FLOPs as dense, fp32 accumulation; BLOCK_M >= 16 rows of x (rows past M are masked).
 The torch reference is ``reference.linear_24_reference``. This module imports triton: import it only on
@@ -45,6 +48,11 @@ __all__ = ["linear_24_triton", "unpack_24_triton"]
 # gather, M = 1: 8192 weights a step (32 values a thread), so split-K reaches two waves at N = 1024, K = 4096
 GEMV_SHAPES = [(16, 512, 4, 2), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 3)]
 EXPAND_SHAPES = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 3)]  # expand, 2..8
+# tensor-core gemv, M = 2..16 (BLOCK_M = 16): (BLOCK_N, BLOCK_K, num_warps, num_stages). Serves 2..TC_MAX_M rows
+# under path="auto" (2..8 by default, and 9..15 that would otherwise run the dot kernel; 16+ go to cuBLAS).
+TC_BLOCK_M = 16
+TC_MAX_M = 15
+TC_SHAPES = [(32, 256, 2, 3), (16, 512, 2, 3), (64, 128, 2, 3), (32, 256, 4, 2)]  # 8192 weights a step
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 256, 4, 2), (16, 64, 256, 4, 2), (64, 64, 128, 4, 3),
               (64, 128, 128, 8, 3), (128, 128, 128, 8, 3)]
 
@@ -62,6 +70,10 @@ def _gemv_configs() -> list[triton.Config]:
 
 def _expand_configs() -> list[triton.Config]:
     return _staged_configs(EXPAND_SHAPES)
+
+
+def _tc_configs() -> list[triton.Config]:
+    return _staged_configs(TC_SHAPES)
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -183,6 +195,41 @@ def _gemv_24_expand_kernel(
 
 
 @triton.jit
+def _gemv_24_tc_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # M = 2..16 on tensor cores with the weight on the M side of the MMA: acc[BLOCK_N, M_pad] += W_expanded
+    # [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, M_pad], M_pad = BLOCK_M = 16 (rows past M are masked), so the MMA's
+    # 16-row minimum falls on the output features, not on the few rows of x. W is expanded in registers
+    # (the four dense columns of each group interleaved back to input order); split-K as the gemv kernels.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
+    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    G: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        w0, w1, w2, w3 = _expand_24(values_ptr, meta_ptr, offs_n, k0, N, K, G)
+        w4 = tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2))  # [BN, G, c // 2, c % 2]
+        wt = tl.reshape(w4, (BLOCK_N, BLOCK_K))  # W[n, k0 + 4g + c] at column 4g + c
+        k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m < M)[None, :] & (k < k_hi)[:, None]
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=x_mask, other=0.0)  # [BK, BM]
+        if IEEE_FP32:
+            acc = tl.dot(wt, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(wt, xt, acc)
+    store_split_k(tl.trans(acc), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _dot_24_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, M_BUCKET,
@@ -256,6 +303,9 @@ _gemv_24_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_
 )
 _gemv_24_expand_tuned = triton.autotune(configs=_expand_configs(), key=["N", "K", "BLOCK_M"],
                                         do_bench=autotune_bench)(_gemv_24_expand_kernel)
+_gemv_24_tc_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
+    _gemv_24_tc_kernel
+)
 _dot_24_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
     _dot_24_kernel
 )
@@ -284,12 +334,20 @@ def linear_24_triton(
     if n * (k // 2) >= 2**31:
         raise ValueError(f"the 2:4 kernels use 32-bit offsets: N * K / 2 must be < 2**31, got {n} x {k}")
     kind = choose_path(path, m)
+    if path == "auto" and m <= TC_MAX_M:
+        kind = "gemv"  # 9..15 rows: the tensor-core gemv (split-K) rather than the dot kernel
     if kind == "gemv":
-        gather = (config.block_m if config else m) == 1  # gather x for one row; expand W for 2..8 rows
+        ptrs, rest = (x2, packed.values, packed.meta, b, y), (m, n, k, x2.stride(0), y.stride(0))
+        rows = config.block_m if config else (1 if m == 1 else TC_BLOCK_M)
+        if rows == TC_BLOCK_M:  # 2..16 rows a program: tensor cores, W on the MMA's M side
+            shapes = [(16, 64)] if interpreter_enabled() else TC_SHAPES
+            launch_gemv(_gemv_24_tc_kernel, _gemv_24_tc_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
+                        block_m=TC_BLOCK_M, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32)
+            return y.reshape(*x.shape[:-1], n)
+        gather = rows == 1  # gather x for one row; expand W for 2..8 rows (explicit configs only)
         shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES if gather else EXPAND_SHAPES
         kernel, tuned = (_gemv_24_kernel, _gemv_24_tuned) if gather else (_gemv_24_expand_kernel, _gemv_24_expand_tuned)
-        launch_gemv(kernel, tuned, shapes, (x2, packed.values, packed.meta, b, y),
-                    (m, n, k, x2.stride(0), y.stride(0)), m, n, k, x.device, config, HAS_BIAS=bias is not None)
+        launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, x.device, config, HAS_BIAS=bias is not None)
         return y.reshape(*x.shape[:-1], n)
     args = (x2, packed.values, packed.meta, b, y, m, n, k, x2.stride(0), y.stride(0))
     launch_tiled(_gemv_24_kernel, _gemv_24_tuned, _dot_24_kernel, _dot_24_tuned, args, kind,

@@ -60,3 +60,44 @@ def test_choose_split_k() -> None:
     assert choose_split_k(64, 4096, 512) == 8 and 64 * 8 >= 2 * NUM_SMS
     assert choose_split_k(16, 128, 64) == 2  # 2 K steps, 16 tiles: one step a split (under two waves)
     assert choose_split_k(16, 64, 64) == 1  # one K step: nothing to split
+
+
+# 2:4 tensor-core gemv (BLOCK_M = 16, W on the MMA's M side): name -> (M, N, K, bias, BLOCK_N, BLOCK_K, split_k)
+TC_CASES = {
+    "m2_split1_bias": (2, 33, 100, True, 16, 64, 1),
+    "m5_split2": (5, 24, 256, False, 16, 64, 2),
+    "m16_split3_ragged_bias": (16, 19, 228, True, 16, 64, 3),
+    "m17_two_row_tiles": (17, 21, 132, False, 32, 64, 1),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("case", list(TC_CASES), ids=list(TC_CASES))
+def test_gemv_24_tensor_core(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    from sparsedial.kernels import _launch
+    from sparsedial.kernels._launch import KernelConfig
+    from sparsedial.kernels.triton_24 import TC_BLOCK_M, linear_24_triton
+
+    m, n, k, bias, bn, bk, split = TC_CASES[case]
+    x, packed, b, ref = make_case("24", m, n, k, dtype, bias, 0.5, seed=len(case), device=device)
+    config = KernelConfig(TC_BLOCK_M, bn, bk, split_k=split)
+    y = linear_24_triton(x, packed, b, path="gemv", config=config)
+    assert_matches(y, ref, dtype)
+    assert torch.equal(linear_24_triton(x, packed, b, path="gemv", config=config), y)
+    for locks in _launch._LOCKS.values():
+        assert int(locks.abs().sum()) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [2, 9, 15])
+def test_auto_path_2_to_15_rows_runs_tensor_core_gemv(m: int, device: torch.device,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsedial.kernels import sparse_linear, triton_24
+
+    calls = []
+    real = triton_24.launch_gemv
+    monkeypatch.setattr(triton_24, "launch_gemv", lambda kernel, *a, **kw: calls.append(kernel) or real(kernel, *a, **kw))
+    x, packed, b, ref = make_case("24", m, 24, 128, torch.float16, True, 0.5, seed=m, device=device)
+    assert_matches(sparse_linear(x, packed, b, backend="triton"), ref, torch.float16)
+    assert calls == [triton_24._gemv_24_tc_kernel]

@@ -192,14 +192,21 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 name = "bitmap gemv count" if m == 1 else "bitmap gemv popc"
                 if m > 1:
                     fn, shapes = t._gemv_bitmap_popc_kernel, t.POPC_SHAPES
-            for bn, bk, w, *rest in shapes:
-                st = rest[0] if rest else 2
-                out.append(Job(name, fn,
-                               {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
-                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st),
-                                **({"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True})},
-                               w, st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
-                               f"BN{bn} BK{bk} w{w} s{st}"))
+            # the M = 1 kernel: unguarded value loads (pack_bitmap's values), and the guarded variant for
+            # values without a readable tail (hand-built packs), first config only
+            guards = [False, True] if "GUARD" in fn.arg_names else [None]
+            for gi, guard in enumerate(guards):
+                for bn, bk, w, *rest in shapes[:1] if gi else shapes:
+                    st = rest[0] if rest else 2
+                    flags = {"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True}
+                    if guard is not None:
+                        flags["GUARD"] = guard
+                    out.append(Job(name + (" guarded" if guard else ""), fn,
+                                   {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
+                                   {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk,
+                                    **stages(fn, st), **flags},
+                                   w, st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
+                                   f"BN{bn} BK{bk} w{w} s{st}"))
         if "nested" in only:
             out += nested_jobs(m)
     if "24" in only:

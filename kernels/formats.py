@@ -32,6 +32,7 @@ __all__ = [
     "pack_bitmap",
     "unpack_24",
     "unpack_bitmap",
+    "values_have_tail",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -170,7 +171,9 @@ class PackedBitmap:
     """An unstructured sparse weight as a bitmap plus the kept values compacted row-major.
 
     bitmap:  [N, ceil(K/32)] int32; weight (n, k) is kept iff bit ``k % 32`` of ``bitmap[n, k // 32]``.
-    values:  [nnz] kept values, row by row, increasing k within a row (dtype of the weight).
+    values:  [nnz] kept values, row by row, increasing k within a row (dtype of the weight). ``pack_bitmap``
+             and ``to`` store it as a view of a buffer one (zero) element longer, so a GPU kernel may load one
+             element past the last value (``values_have_tail``; the M = 1 Triton kernel relies on it).
     row_ptr: [N + 1] int64; row n's values are ``values[row_ptr[n]:row_ptr[n + 1]]``.
     shape:   (N, K) of the dense weight.
     word_offsets: [N, ceil(K/32)] int16, the number of kept values of row n before word w (an unsigned
@@ -211,8 +214,10 @@ class PackedBitmap:
 
     def to(self, device: torch.device | str) -> PackedBitmap:
         offsets = None if self.word_offsets is None else self.word_offsets.to(device)
+        values = self.values.to(device)
         return PackedBitmap(
-            self.bitmap.to(device), self.values.to(device), self.row_ptr.to(device), self.shape, offsets
+            self.bitmap.to(device), values if values_have_tail(values) else _with_tail(values),
+            self.row_ptr.to(device), self.shape, offsets
         )
 
 
@@ -225,7 +230,7 @@ def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packe
     _check_weight(weight)
     n, k = weight.shape
     keep = _check_mask(mask, weight)
-    values = weight[keep].contiguous()  # boolean indexing is row-major: row by row, increasing k
+    values = _with_tail(weight[keep])  # boolean indexing is row-major: row by row, increasing k
     counts = keep.sum(dim=1, dtype=torch.int64)
     row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
     row_ptr[1:] = counts.cumsum(0)
@@ -235,6 +240,19 @@ def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packe
     bits = torch.nn.functional.pad(keep.to(torch.int64), (0, pad))
     bitmap = _pack_bits(bits, 1).contiguous()
     return PackedBitmap(bitmap, values, row_ptr, (n, k), bitmap_word_offsets(bitmap))
+
+
+def _with_tail(values: torch.Tensor) -> torch.Tensor:
+    """`values` (1-D) as a view of a buffer one zero element longer (see ``values_have_tail``)."""
+    buf = torch.zeros(values.numel() + 1, dtype=values.dtype, device=values.device)
+    buf[:-1] = values.reshape(-1)
+    return buf[:-1]
+
+
+def values_have_tail(values: torch.Tensor) -> bool:
+    """True when the element after the last of `values` (contiguous) lies in its storage, so reading it is safe."""
+    end = (values.storage_offset() + values.numel() + 1) * values.element_size()
+    return values.is_contiguous() and values.untyped_storage().nbytes() >= end
 
 
 def bitmap_word_offsets(bitmap: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ every row of x (``gemv``, decode; the weight is read once for all rows) or a ``t
 The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: lanes run along K (one
 bitmap word per lane, the rows of the block across warps and registers, so each x load serves several
 rows), and each thread walks its word's 32 inputs in order with a running pointer to the next kept value
-(no popcount, no broadcast of a word to 32 lanes); words and word offsets are cp.async copies, pipelined
-``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``). The 2..8-row gemv
+(no popcount, no broadcast of a word to 32 lanes; the value at the pointer is loaded for every input and
+only the FMA is predicated, which the readable element after the last value allows); words and word
+offsets are cp.async copies, pipelined ``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``). The 2..8-row gemv
 (``_gemv_bitmap_popc_kernel``) keeps the popcount tile above. Both split K over the grid's second axis and use
 32-bit offsets.
 Reference: ``linear_bitmap_reference``.
@@ -32,7 +33,7 @@ from ._launch import (
     interpreter_enabled,
 )
 from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, split_k_range, store_split_k
-from .formats import PackedBitmap, bitmap_word_offsets
+from .formats import PackedBitmap, bitmap_word_offsets, values_have_tail
 from .reference import check_linear_inputs
 
 __all__ = ["linear_bitmap_triton", "unpack_bitmap_triton"]
@@ -43,7 +44,7 @@ __all__ = ["linear_bitmap_triton", "unpack_bitmap_triton"]
 # M = 1, (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K / 32 words along the lanes (a warp at 1024, half a
 # warp at 512), each thread holds one word of BLOCK_N * BLOCK_K / (1024 * num_warps) rows (8 at one warp), and
 # those rows share each x load; 8192 weights a step, so split-K reaches two waves at N = 1024, K = 4096.
-GEMV_SHAPES = [(8, 1024, 1, 2), (8, 1024, 1, 3), (16, 512, 1, 3), (32, 256, 1, 3), (16, 512, 2, 3)]
+GEMV_SHAPES = [(8, 1024, 1, 2), (16, 512, 1, 2), (32, 256, 1, 2), (8, 1024, 1, 3)]
 POPC_SHAPES = [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (16, 128, 4, 3), (4, 512, 4, 3)]  # M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (32, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
@@ -90,19 +91,58 @@ def _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N,
 
 
 @triton.jit
+def _count_loop(x_row, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K, one,
+                EVEN_K: tl.constexpr, GUARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
+    """The K loop of _gemv_bitmap_kernel: [BLOCK_N, BLOCK_K / 32] fp32 partial sums, one per word slot.
+
+    GUARD: mask the value loads by the bit. Without it every input loads the value at the running pointer
+    and only the FMA is predicated (no zero fill of a masked load, one instruction less per input); that
+    pointer never passes one element after the last stored value, which ``pack_bitmap`` leaves readable
+    (``formats.values_have_tail``; the launcher sets GUARD where it does not)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        w = k0 // 32 + wi
+        mask = n_mask[:, None] & (w < w_hi)[None, :]
+        e = rows + w[None, :]  # flat word index
+        word = tl.load(bitmap_ptr + e, mask=mask, other=0)  # [BN, BW] int32, padding bits past K are 0
+        pair = tl.load(pairs_ptr + (e >> 1), mask=mask, other=0)
+        off = (pair >> ((e & 1) * 16)) & 0xFFFF  # kept values of the row before the word
+        vp = values_ptr + (row_start + off)  # running pointer: the next kept value of the row
+        if EVEN_K:  # clamped, unmasked x loads (words past the split are all zero bits)
+            xw = x_row + tl.minimum(k0 + 32 * wi, K - 32)
+        else:
+            xw = x_row + k0 + 32 * wi
+        for t in tl.static_range(32):
+            if EVEN_K:
+                xf = tl.load(xw + t).to(tl.float32)[None, :]  # [1, BW], shared by the thread's rows
+            else:
+                xf = tl.load(xw + t, mask=k0 + 32 * wi + t < K, other=0.0).to(tl.float32)[None, :]
+            kept = (word & (one << t)) != 0  # a runtime 1: LLVM keeps the AND with a mask (one LOP3)
+            if GUARD:
+                v = tl.load(vp, mask=kept, other=0.0)
+                acc += v.to(tl.float32) * xf
+            else:
+                v = tl.load(vp)
+                acc = tl.where(kept, acc + v.to(tl.float32) * xf, acc)
+            vp = tl.where(kept, vp + 1, vp)
+    return acc
+
+
+@triton.jit
 def _gemv_bitmap_kernel(
     x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GUARD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # M = 1 (row pid_m of x). Lanes along K: the [BLOCK_N, BW] word tile has no contiguity along its words
     # (max_contiguous 1), so Triton lays one word per lane along K and the rows across warps and registers:
     # a warp reads 32 consecutive words of a row (128 B), and each thread holds the same word of
-    # BLOCK_N / num_warps rows, so one x load per input serves all of them. The words and the word offsets
-    # (read as int32 pairs, 4 bytes a thread) are loaded by cp.async, NUM_STAGES - 1 steps ahead (Triton's
-    # pipeliner, tl.range(num_stages)); the value gather (2 bytes, data-dependent) stays a register load.
-    # Split-K (grid axis 1); 32-bit value indices (the launcher checks nnz and N * words < 2**31).
+    # BLOCK_N * BW / (32 * num_warps) rows, so one x load per input serves all of them. The words and the word
+    # offsets (read as int32 pairs, 4 bytes a thread) are cp.async copies NUM_STAGES - 1 steps ahead
+    # (Triton's pipeliner, tl.range(num_stages)); the value loads (2 bytes at a running pointer) stay
+    # register loads. Split-K (grid axis 1); 32-bit value indices (the launcher checks nnz and N * words).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -113,36 +153,13 @@ def _gemv_bitmap_kernel(
     n_words = (K + 31) // 32
     w_hi = (k_hi + 31) // 32
     row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]  # [BN, 1]
-    BW: tl.constexpr = BLOCK_K // 32
-    wi = tl.max_contiguous(tl.arange(0, BW), 1)  # one word per lane: no vector loads along K
+    wi = tl.max_contiguous(tl.arange(0, BLOCK_K // 32), 1)  # one word per lane: no vector loads along K
     rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
     pairs_ptr = offsets_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # int16 offsets, two per int32
     x_row = x_ptr + pid_m * stride_xm
-    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-        w = k0 // 32 + wi
-        mask = n_mask[:, None] & (w < w_hi)[None, :]
-        e = rows + w[None, :]  # flat word index
-        word = tl.load(bitmap_ptr + e, mask=mask, other=0)  # [BN, BW] int32, padding bits past K are 0
-        pair = tl.load(pairs_ptr + (e >> 1), mask=mask, other=0)
-        off = (pair >> ((e & 1) * 16)) & 0xFFFF  # kept values of the row before the word
-        vp = values_ptr + (row_start + off)  # running pointer: the next kept value of the word
-        if EVEN_K:  # clamped, unmasked x loads (words past the split are all zero bits)
-            xw = x_row + tl.minimum(k0 + 32 * wi, K - 32)
-        else:
-            xw = x_row + k0 + 32 * wi
-        for t in tl.static_range(32):
-            if EVEN_K:
-                xf = tl.load(xw + t).to(tl.float32)[None, :]  # [1, BW], shared by the thread's rows
-            else:
-                xf = tl.load(xw + t, mask=k0 + 32 * wi + t < K, other=0.0).to(tl.float32)[None, :]
-            if t == 31:
-                kept = word < 0
-            else:
-                kept = (word & (1 << t)) != 0
-            v = tl.load(vp, mask=kept, other=0.0)
-            acc += v.to(tl.float32) * xf
-            vp = tl.where(kept, vp + 1, vp)
+    one = (N >= 0).to(tl.int32)  # 1, opaque to the compiler (see _count_loop)
+    acc = _count_loop(x_row, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K,
+                      one, EVEN_K, GUARD, BLOCK_N, BLOCK_K, NUM_STAGES)
     acc2 = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     offs_m = pid_m + tl.arange(0, 1)
     store_split_k(acc2, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
@@ -303,7 +320,7 @@ def linear_bitmap_triton(
                 flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
             ptrs = (x2, packed.bitmap, flat, packed.values, packed.row_ptr, b, y)
             launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
-                        HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0)
+                        HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, GUARD=not values_have_tail(packed.values))
         else:
             shapes = [(16, 64)] if interpreter_enabled() else POPC_SHAPES
             launch_gemv(_gemv_bitmap_popc_kernel, _gemv_bitmap_popc_tuned, shapes, ptrs, rest, m, n, k, x.device,

@@ -101,3 +101,43 @@ def test_auto_path_2_to_15_rows_runs_tensor_core_gemv(m: int, device: torch.devi
     x, packed, b, ref = make_case("24", m, 24, 128, torch.float16, True, 0.5, seed=m, device=device)
     assert_matches(sparse_linear(x, packed, b, backend="triton"), ref, torch.float16)
     assert calls == [triton_24._gemv_24_tc_kernel]
+
+
+# Bitmap M = 1: the value loads are unguarded when the values have a readable element after the last one
+# (pack_bitmap's layout), guarded otherwise; trailing empty rows put the running pointer at the last+1 value.
+@needs_triton
+@pytest.mark.parametrize("tail", [True, False], ids=["tail", "no_tail"])
+@pytest.mark.parametrize(("n", "k", "empty_tail_rows", "split"), [(33, 100, 0, 1), (40, 256, 9, 2), (21, 228, 21, 3)],
+                         ids=str)
+def test_bitmap_m1_value_tail(n: int, k: int, empty_tail_rows: int, split: int, tail: bool,
+                              device: torch.device) -> None:
+    from sparsedial.kernels import PackedBitmap, pack_bitmap
+    from sparsedial.kernels._launch import KernelConfig
+    from sparsedial.kernels.formats import values_have_tail
+    from sparsedial.kernels.triton_bitmap import linear_bitmap_triton
+
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).half()
+    mask = torch.rand(n, k, generator=gen) < 0.5
+    mask[n - empty_tail_rows:] = False
+    x = torch.randn(1, k, generator=gen).half()
+    ref = x.double() @ (w.double() * mask).T
+    packed = pack_bitmap(w, mask).to(device)
+    assert values_have_tail(packed.values)
+    if not tail:  # hand-built pack: exactly nnz values
+        packed = PackedBitmap(packed.bitmap, packed.values.clone(), packed.row_ptr, packed.shape, packed.word_offsets)
+        assert not values_have_tail(packed.values)
+    y = linear_bitmap_triton(x.to(device), packed, path="gemv", config=KernelConfig(1, 16, 64, split_k=split))
+    assert_matches(y, ref, torch.float16)
+
+
+def test_pack_bitmap_values_keep_their_tail() -> None:
+    from sparsedial.kernels import pack_bitmap
+    from sparsedial.kernels.formats import values_have_tail
+
+    w = torch.randn(5, 40)
+    packed = pack_bitmap(w, w > 0)
+    assert packed.values.numel() == packed.nnz == int((w > 0).sum())
+    assert torch.equal(packed.values, w[w > 0])
+    assert values_have_tail(packed.values) and values_have_tail(packed.to("cpu").values)
+    assert not values_have_tail(packed.values.clone())

@@ -226,16 +226,21 @@ def nested_jobs(m: int) -> list[Job]:
     from sparsedial.kernels import triton_nested as t
 
     h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "row_ptr": "*i64",
-         "tile_off_ptr": "*i16"}
+         "tile_off_ptr": "*i16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    tile = 128
     out = []
     for bn, bj, w in t.COLS_SHAPES:
-        out.append(Job("nested cols gemv", t._gemv_cols_kernel, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
-                       {"HAS_BIAS": False, "TILE": 128, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj}, w, 2, m,
-                       bn * bj, "stored value", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} BJ{bj} w{w}"))
+        fn = t._gemv_cols_kernel
+        out.append(Job("nested cols gemv", fn, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
+                       {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj}, w, 2, m,
+                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}"))
+    stages_levels = getattr(t, "LEVELS_STAGES", 2)
     for bn, w in t.LEVELS_SHAPES:
-        out.append(Job("nested levels gemv", t._gemv_levels_kernel, {**h, "planes_ptr": "*i32"},
-                       {"HAS_BIAS": False, "TILE": 128, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn}, w, 2, m,
-                       bn * 128, "dense weight", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} w{w}"))
+        fn = t._gemv_levels_kernel
+        out.append(Job("nested levels gemv", fn, {**h, "planes_ptr": "*i32"},
+                       {"HAS_BIAS": False, "TILE": tile, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn,
+                        **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
+                       gemv_grid(fn, m, bn, tile), None, f"BN{bn} w{w} s{stages_levels}"))
     return out
 
 

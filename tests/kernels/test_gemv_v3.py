@@ -141,3 +141,23 @@ def test_pack_bitmap_values_keep_their_tail() -> None:
     assert torch.equal(packed.values, w[w > 0])
     assert values_have_tail(packed.values) and values_have_tail(packed.to("cpu").values)
     assert not values_have_tail(packed.values.clone())
+
+
+# Nested kernels: split-K over the format tiles (K = 300 at tile 64 is 5 tiles: split 3 leaves 1 in the last).
+@needs_triton
+@pytest.mark.parametrize("index", ["cols", "levels"])
+@pytest.mark.parametrize(("m", "split", "bias"), [(1, 1, True), (1, 3, False), (6, 2, True), (9, 4, False)])
+def test_nested_split_k(m: int, split: int, bias: bool, index: str, device: torch.device) -> None:
+    from sparsedial.kernels import _launch
+    from sparsedial.kernels._launch import KernelConfig
+    from sparsedial.kernels.triton_nested import linear_nested_triton
+    from test_nested import make_case as make_nested_case
+
+    x, packed, b, refs = make_nested_case(m, 21, 300, torch.float16, bias, 64, seed=m + split, device=device)
+    config = KernelConfig(min(8, 1 << (m - 1).bit_length()), 8, 32, split_k=split)
+    for tier in (0, 3, 6):
+        y = linear_nested_triton(x, packed, tier, b, index=index, config=config)
+        assert_matches(y, refs[tier], torch.float16)
+        assert torch.equal(linear_nested_triton(x, packed, tier, b, index=index, config=config), y)
+    for locks in _launch._LOCKS.values():
+        assert int(locks.abs().sum()) == 0

@@ -29,8 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelConfig, KernelPath, check_triton_device, flatten_rows, interpreter_enabled
-from ._launch import split_k_buffers
+from ._launch import (
+    KernelConfig,
+    KernelPath,
+    check_triton_device,
+    flatten_rows,
+    interpreter_enabled,
+    split_k_buffers,
+)
 from ._triton_util import autotune_bench, split_k_grid, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs

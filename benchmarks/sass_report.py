@@ -14,7 +14,7 @@ serves 2..16 rows) this reports, from the SASS:
   SM at that register / shared-memory use, and for every shape of ``bench_kernels.py`` the programs per
   SM (grid size / 132 SMs of an H100 SXM) the launcher would start.
 
-Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,nested] [--write LABEL]
+Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,cols,nested] [--write LABEL]
 (``bench_kernels.py --sass`` runs it.) ``--write before|after`` stores the table in docs/benchmarks.md.
 """
 
@@ -209,6 +209,8 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                                    f"BN{bn} BK{bk} w{w} s{st}"))
         if "nested" in only:
             out += nested_jobs(m)
+    if "cols" in only:
+        out += cols_jobs()
     if "24" in only:
         from sparsedial.kernels import triton_24 as t
 
@@ -220,6 +222,19 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                                 "BLOCK_K": bk, "NUM_STAGES": st}, w, st, t.TC_BLOCK_M, bn * bk, "dense weight",
                                gemv_grid(fn, t.TC_BLOCK_M, bn, bk), 0.5, f"BN{bn} BK{bk} w{w} s{st}"))
     return out
+
+
+def cols_jobs() -> list[Job]:
+    """The values + one-byte column kernel (kernels/triton_cols.py) at M = 1 and 8: per stored value."""
+    from sparsedial.kernels import triton_cols as t
+
+    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32",
+         "lock_ptr": "*i32", "cols_ptr": "*u8", "run_ptr": "*i32"}
+    fn, st = t._gemv_cols_kernel, t.COLS_STAGES
+    return [Job("cols gemv", fn, h, {"HAS_BIAS": False, "HW_LOAD": True, "X_BITS": 16, "BLOCK_M": m,
+                                     "BLOCK_N": bn, "BLOCK_V": bv, "NUM_STAGES": st},
+                w, st, m, bn * bv, "stored value", gemv_grid(fn, m, bn, 256), None, f"BN{bn} BV{bv} w{w} s{st}")
+            for m in (1, 8) for bn, bv, w in t.COLS_SHAPES]
 
 
 def nested_jobs(m: int) -> list[Job]:
@@ -272,7 +287,7 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    parser.add_argument("--only", default="24,bitmap,nested", help="comma list of 24, bitmap, nested")
+    parser.add_argument("--only", default="24,bitmap,cols,nested", help="comma list of 24, bitmap, cols, nested")
     parser.add_argument("--write", default=None, help="store the table in docs/benchmarks.md under this label")
     args = parser.parse_args()
     rows = []

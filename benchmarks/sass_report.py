@@ -38,7 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS, write_section
+from _report import DOCS, machine, write_section
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMS = 132  # H100 SXM
@@ -300,7 +300,8 @@ def main() -> None:
             rows.append((job, arch, r))
             print(table([(job, arch, r)]).splitlines()[-1], file=sys.stderr, flush=True)
     tools = (f"triton {triton.__version__} (`triton.compile`, target cuda sm_{'/sm_'.join(map(str, args.arch))}), "
-             f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`")
+             f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`; compiled on "
+             f"{machine()} (compile only: no kernel ran, no GPU timing)")
     body = table(rows)
     print(f"\n{tools}\n\n{body}")
     if args.write:

@@ -188,10 +188,9 @@ def legacy_jobs(only: set[str]) -> list[Job]:
             from sparsedial.kernels import triton_bitmap as t
 
             fn, shapes, name = t._gemv_bitmap_kernel, t.GEMV_SHAPES, "bitmap gemv"
-            if hasattr(t, "_gemv_bitmap_popc_kernel"):  # issue 14: running count at M = 1, popcount at 2..8
-                name = "bitmap gemv count" if m == 1 else "bitmap gemv popc"
-                if m > 1:
-                    fn, shapes = t._gemv_bitmap_popc_kernel, t.POPC_SHAPES
+            if "GUARD" in fn.arg_names:  # issue 14: the running-pointer kernel for 1..8 rows
+                name = "bitmap gemv count"
+                shapes = t.GEMV_SHAPES if m == 1 else t.ROWS_SHAPES
             # the M = 1 kernel: unguarded value loads (pack_bitmap's values), and the guarded variant for
             # values without a readable tail (hand-built packs), first config only
             guards = [False, True] if "GUARD" in fn.arg_names else [None]

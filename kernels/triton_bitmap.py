@@ -5,16 +5,15 @@ Load-as-sparse, compute-as-dense. A program owns BLOCK_N rows and walks K in ste
 ([BLOCK_N, W] tiles), broadcasts them over the 32 inputs of a word in registers, and gets the value of
 kept weight (n, k) at ``row_ptr[n] + offset[n, w] + popcount(word & (2**(k % 32) - 1))`` (one popcount per
 input: no prefix sum along the row). Values are compacted row-major, so a step's reads of one row are one
-contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds fp32 FMAs for
-every row of x (``gemv``, decode; the weight is read once for all rows) or a ``tl.dot`` (``dot``).
-The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: lanes run along K (one
-bitmap word per lane, the rows of the block across warps and registers, so each x load serves several
+contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds a ``tl.dot``
+(``dot``) or is stored (``unpack_bitmap_triton``, the prefill fallback of ``dispatch``).
+The gemv (``_gemv_bitmap_kernel``, 1..8 rows of x a program) does not build the dense tile: lanes run along
+K (one bitmap word per lane, the rows of the block across warps and registers, so each x load serves several
 rows), and each thread walks its word's 32 inputs in order with a running pointer to the next kept value
 (no popcount, no broadcast of a word to 32 lanes; the value at the pointer is loaded for every input and
-only the FMA is predicated, which the readable element after the last value allows); words and word
-offsets are cp.async copies, pipelined ``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``). The 2..8-row gemv
-(``_gemv_bitmap_popc_kernel``) keeps the popcount tile above. Both split K over the grid's second axis and use
-32-bit offsets.
+only the FMAs are predicated, which the readable element after the last value allows); words and word
+offsets are cp.async copies, pipelined ``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``).
+It splits K over the grid's second axis and uses 32-bit offsets.
 Reference: ``linear_bitmap_reference``.
 """
 
@@ -45,7 +44,7 @@ __all__ = ["linear_bitmap_triton", "unpack_bitmap_triton"]
 # warp at 512), each thread holds one word of BLOCK_N * BLOCK_K / (1024 * num_warps) rows (8 at one warp), and
 # those rows share each x load; 8192 weights a step, so split-K reaches two waves at N = 1024, K = 4096.
 GEMV_SHAPES = [(8, 1024, 1, 2), (16, 512, 1, 2), (32, 256, 1, 2), (8, 1024, 1, 3)]
-POPC_SHAPES = [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (16, 128, 4, 3), (4, 512, 4, 3)]  # M = 2..8
+ROWS_SHAPES = [(8, 1024, 1, 2), (4, 1024, 1, 2), (8, 512, 1, 2)]  # the same kernel, M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (32, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 
@@ -57,11 +56,11 @@ def _gemv_configs() -> list[triton.Config]:
             for bn, bk, w, st in GEMV_SHAPES]
 
 
-def _popc_configs() -> list[triton.Config]:
+def _rows_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in POPC_SHAPES]
+            for bn, bk, w, st in ROWS_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -91,16 +90,16 @@ def _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N,
 
 
 @triton.jit
-def _count_loop(x_row, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K, one,
-                EVEN_K: tl.constexpr, GUARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                NUM_STAGES: tl.constexpr):
-    """The K loop of _gemv_bitmap_kernel: [BLOCK_N, BLOCK_K / 32] fp32 partial sums, one per word slot.
+def _count_loop(x_rows, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K, one,
+                EVEN_K: tl.constexpr, GUARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The K loop of _gemv_bitmap_kernel: [BLOCK_M, BLOCK_N, BLOCK_K / 32] fp32 partial sums, one per word slot.
 
-    GUARD: mask the value loads by the bit. Without it every input loads the value at the running pointer
-    and only the FMA is predicated (no zero fill of a masked load, one instruction less per input); that
-    pointer never passes one element after the last stored value, which ``pack_bitmap`` leaves readable
-    (``formats.values_have_tail``; the launcher sets GUARD where it does not)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+    x_rows: [BLOCK_M] row pointers of x. GUARD: mask the value loads by the bit. Without it every input loads
+    the value at the running pointer and only the FMAs are predicated (no zero fill of a masked load, one
+    instruction less per input); that pointer never passes one element after the last stored value, which
+    ``pack_bitmap`` leaves readable (``formats.values_have_tail``; the launcher sets GUARD where it does not)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         w = k0 // 32 + wi
         mask = n_mask[:, None] & (w < w_hi)[None, :]
@@ -110,21 +109,21 @@ def _count_loop(x_row, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mas
         off = (pair >> ((e & 1) * 16)) & 0xFFFF  # kept values of the row before the word
         vp = values_ptr + (row_start + off)  # running pointer: the next kept value of the row
         if EVEN_K:  # clamped, unmasked x loads (words past the split are all zero bits)
-            xw = x_row + tl.minimum(k0 + 32 * wi, K - 32)
+            xw = x_rows[:, None] + tl.minimum(k0 + 32 * wi, K - 32)[None, :]  # [BM, BW]
         else:
-            xw = x_row + k0 + 32 * wi
+            xw = x_rows[:, None] + (k0 + 32 * wi)[None, :]
         for t in tl.static_range(32):
             if EVEN_K:
-                xf = tl.load(xw + t).to(tl.float32)[None, :]  # [1, BW], shared by the thread's rows
+                xf = tl.load(xw + t).to(tl.float32)[:, None, :]  # [BM, 1, BW], shared by the thread's rows
             else:
-                xf = tl.load(xw + t, mask=k0 + 32 * wi + t < K, other=0.0).to(tl.float32)[None, :]
+                xf = tl.load(xw + t, mask=(k0 + 32 * wi + t < K)[None, :], other=0.0).to(tl.float32)[:, None, :]
             kept = (word & (one << t)) != 0  # a runtime 1: LLVM keeps the AND with a mask (one LOP3)
             if GUARD:
                 v = tl.load(vp, mask=kept, other=0.0)
-                acc += v.to(tl.float32) * xf
+                acc += v.to(tl.float32)[None, :, :] * xf
             else:
                 v = tl.load(vp)
-                acc = tl.where(kept, acc + v.to(tl.float32) * xf, acc)
+                acc = tl.where(kept[None, :, :], acc + v.to(tl.float32)[None, :, :] * xf, acc)
             vp = tl.where(kept, vp + 1, vp)
     return acc
 
@@ -136,9 +135,9 @@ def _gemv_bitmap_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GUARD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # M = 1 (row pid_m of x). Lanes along K: the [BLOCK_N, BW] word tile has no contiguity along its words
-    # (max_contiguous 1), so Triton lays one word per lane along K and the rows across warps and registers:
-    # a warp reads 32 consecutive words of a row (128 B), and each thread holds the same word of
+    # BLOCK_M rows of x (1 for decode). Lanes along K: the [BLOCK_N, BW] word tile has no contiguity along its
+    # words (max_contiguous 1), so Triton lays one word per lane along K and the rows across warps and
+    # registers: a warp reads 32 consecutive words of a row (128 B), and each thread holds the same word of
     # BLOCK_N * BW / (32 * num_warps) rows, so one x load per input serves all of them. The words and the word
     # offsets (read as int32 pairs, 4 bytes a thread) are cp.async copies NUM_STAGES - 1 steps ahead
     # (Triton's pipeliner, tl.range(num_stages)); the value loads (2 bytes at a running pointer) stay
@@ -149,6 +148,7 @@ def _gemv_bitmap_kernel(
     SPLIT_K = tl.num_programs(1)
     k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     n_words = (K + 31) // 32
     w_hi = (k_hi + 31) // 32
@@ -156,60 +156,11 @@ def _gemv_bitmap_kernel(
     wi = tl.max_contiguous(tl.arange(0, BLOCK_K // 32), 1)  # one word per lane: no vector loads along K
     rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
     pairs_ptr = offsets_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # int16 offsets, two per int32
-    x_row = x_ptr + pid_m * stride_xm
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1) * stride_xm  # rows past M read row M - 1 (never stored)
     one = (N >= 0).to(tl.int32)  # 1, opaque to the compiler (see _count_loop)
-    acc = _count_loop(x_row, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K,
-                      one, EVEN_K, GUARD, BLOCK_N, BLOCK_K, NUM_STAGES)
-    acc2 = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-    offs_m = pid_m + tl.arange(0, 1)
-    store_split_k(acc2, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
-                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_bitmap_popc_kernel(
-    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, HW_POPC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    # M >= 2 (x reused across rows): the dense tile by one popcount per input, as the dot kernel. Split-K
-    # (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31); the words, word offsets
-    # and x tile are cp.async copies NUM_STAGES - 1 steps ahead (Triton's pipeliner), so the dependent value
-    # gather of a step waits on one DRAM round trip (values) instead of two (words, then values).
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    SPLIT_K = tl.num_programs(1)
-    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    n_words = (K + 31) // 32
-    w_hi = (k_hi + 31) // 32
-    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None, None]
-    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
-    BW: tl.constexpr = BLOCK_K // 32
-    wi = tl.arange(0, BW)
-    t = tl.arange(0, 32)
-    below = ~(-1 << t)[None, None, :]  # bits below t
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # words, offsets and x: cp.async
-        w = k0 // 32 + wi
-        mask = n_mask[:, None] & (w < w_hi)[None, :]
-        word = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
-        off = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0).to(tl.int32) & 0xFFFF
-        word3 = word[:, :, None]  # [BN, BW, 1]: broadcast over the word's 32 inputs
-        kept = ((word3 >> t[None, None, :]) & 1) != 0  # padding bits past K are 0
-        rank = popcount32(word3 & below, HW_POPC)  # kept inputs before t in the word
-        vals = tl.load(row_vals + (off[:, :, None] + rank), mask=kept, other=0.0)  # [BN, BW, 32]
-        wt = tl.reshape(vals, (BLOCK_N, BLOCK_K))
-        k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)  # [BM, BK]
-        acc3 += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
-    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+    acc = _count_loop(x_rows, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi,
+                      K, one, EVEN_K, GUARD, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES)
+    store_split_k(tl.sum(acc, axis=2), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
                   pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
@@ -279,8 +230,8 @@ def unpack_bitmap_triton(packed: PackedBitmap) -> torch.Tensor:
 _gemv_bitmap_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
     _gemv_bitmap_kernel
 )
-_gemv_bitmap_popc_tuned = triton.autotune(configs=_popc_configs(), key=["N", "K", "BLOCK_M"],
-                                          do_bench=autotune_bench)(_gemv_bitmap_popc_kernel)
+_gemv_bitmap_rows_tuned = triton.autotune(configs=_rows_configs(), key=["N", "K", "BLOCK_M"],
+                                          do_bench=autotune_bench)(_gemv_bitmap_kernel)
 _dot_bitmap_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
     _dot_bitmap_kernel
 )
@@ -313,18 +264,17 @@ def linear_bitmap_triton(
         if packed.nnz >= 2**31 or n * packed.bitmap.shape[1] >= 2**31:
             raise ValueError("the bitmap gemv kernel uses 32-bit offsets: nnz and N * K / 32 must be < 2**31")
         ptrs, rest = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y), (m, n, k, x2.stride(0), y.stride(0))
-        if (config.block_m if config else m) == 1:  # one row: walk each word with a running count
-            shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES
-            flat = offsets.reshape(-1)
-            if flat.numel() % 2 or flat.data_ptr() % 4:  # read as int32 pairs: even length, 4-byte aligned
-                flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
-            ptrs = (x2, packed.bitmap, flat, packed.values, packed.row_ptr, b, y)
-            launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
-                        HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, GUARD=not values_have_tail(packed.values))
-        else:
-            shapes = [(16, 64)] if interpreter_enabled() else POPC_SHAPES
-            launch_gemv(_gemv_bitmap_popc_kernel, _gemv_bitmap_popc_tuned, shapes, ptrs, rest, m, n, k, x.device,
-                        config, HAS_BIAS=bias is not None, HW_POPC=not interpreter_enabled())
+        # every row count up to 8 a program: walk each word with a running pointer (M = 1 and M = 2..8 keep
+        # separate autotune candidates: a thread's accumulators grow with the rows of x)
+        one_row = (config.block_m if config else m) == 1
+        shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES if one_row else ROWS_SHAPES
+        flat = offsets.reshape(-1)
+        if flat.numel() % 2 or flat.data_ptr() % 4:  # read as int32 pairs: even length, 4-byte aligned
+            flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+        ptrs = (x2, packed.bitmap, flat, packed.values, packed.row_ptr, b, y)
+        launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned if one_row else _gemv_bitmap_rows_tuned, shapes, ptrs,
+                    rest, m, n, k, x.device, config, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0,
+                    GUARD=not values_have_tail(packed.values))
         return y.reshape(*x.shape[:-1], n)
     args = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y, m, n, k, x2.stride(0), y.stride(0))
     launch_tiled(_gemv_bitmap_kernel, _gemv_bitmap_tuned, _dot_bitmap_kernel, _dot_bitmap_tuned, args,

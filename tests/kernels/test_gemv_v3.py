@@ -1,5 +1,6 @@
-"""Issue 14 gemv kernels against the float64 reference: split-K, the M = 1 kernels (2:4 gather-x, bitmap
-running count) and the M = 2..8 kernels (2:4 expand, bitmap popcount), under the interpreter on a CPU.
+"""Issue 14 gemv kernels against the float64 reference: split-K, the 2:4 kernels (gather-x at M = 1, expand
+at explicit block_m 2..8, tensor cores at 2..16), the bitmap running-pointer kernel (1..8 rows a program)
+and the nested kernels' split-K, under the interpreter on a CPU.
 
 Small case table (the interpreter is slow): M = 1 and odd M, N and K not multiples of the tile, K not a
 multiple of 32 (the bitmap's partial last word), bias and no bias, split-K forced to 1, 2 and 3 (3 leaves
@@ -103,14 +104,15 @@ def test_auto_path_2_to_15_rows_runs_tensor_core_gemv(m: int, device: torch.devi
     assert calls == [triton_24._gemv_24_tc_kernel]
 
 
-# Bitmap M = 1: the value loads are unguarded when the values have a readable element after the last one
+# Bitmap gemv: the value loads are unguarded when the values have a readable element after the last one
 # (pack_bitmap's layout), guarded otherwise; trailing empty rows put the running pointer at the last+1 value.
 @needs_triton
+@pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("tail", [True, False], ids=["tail", "no_tail"])
 @pytest.mark.parametrize(("n", "k", "empty_tail_rows", "split"), [(33, 100, 0, 1), (40, 256, 9, 2), (21, 228, 21, 3)],
                          ids=str)
-def test_bitmap_m1_value_tail(n: int, k: int, empty_tail_rows: int, split: int, tail: bool,
-                              device: torch.device) -> None:
+def test_bitmap_value_tail(n: int, k: int, empty_tail_rows: int, split: int, tail: bool, m: int,
+                           device: torch.device) -> None:
     from sparsedial.kernels import PackedBitmap, pack_bitmap
     from sparsedial.kernels._launch import KernelConfig
     from sparsedial.kernels.formats import values_have_tail
@@ -120,14 +122,15 @@ def test_bitmap_m1_value_tail(n: int, k: int, empty_tail_rows: int, split: int, 
     w = (torch.randn(n, k, generator=gen) / k**0.5).half()
     mask = torch.rand(n, k, generator=gen) < 0.5
     mask[n - empty_tail_rows:] = False
-    x = torch.randn(1, k, generator=gen).half()
+    x = torch.randn(m, k, generator=gen).half()
     ref = x.double() @ (w.double() * mask).T
     packed = pack_bitmap(w, mask).to(device)
     assert values_have_tail(packed.values)
     if not tail:  # hand-built pack: exactly nnz values
         packed = PackedBitmap(packed.bitmap, packed.values.clone(), packed.row_ptr, packed.shape, packed.word_offsets)
         assert not values_have_tail(packed.values)
-    y = linear_bitmap_triton(x.to(device), packed, path="gemv", config=KernelConfig(1, 16, 64, split_k=split))
+    config = KernelConfig(1 if m == 1 else 8, 16, 64, split_k=split)
+    y = linear_bitmap_triton(x.to(device), packed, path="gemv", config=config)
     assert_matches(y, ref, torch.float16)
 
 

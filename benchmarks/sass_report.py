@@ -7,7 +7,9 @@ bucket (M = 1 and M = 8; decode kernels; M = 16 for the 2:4 tensor-core gemv, wh
 serves 2..16 rows) this reports, from the SASS:
 
 * the main loop: the largest innermost loop (a backward branch), its instructions per thread per step,
-  and those times the threads of a program over the dense weights (or stored values) one step covers;
+  and those times the threads of a program over the dense weights (or stored values) one step covers
+  (loops with a runtime trip count that ptxas unrolled: divided by the unroll factor, the loop's FFMAs over
+  the FFMAs of one iteration, shown as "unrolled xN");
 * FMAs (FFMA / HFMA2 / tensor-core ops), global loads, barriers (BAR), and async copies (LDGSTS =
   ``cp.async``, UTMALDG / UBLKCP = TMA) inside that loop;
 * registers and local memory (spills) per thread (``cuobjdump -res-usage``), the programs that fit on one
@@ -72,6 +74,9 @@ class Job:
     grid: object  # (n, k, m) -> programs launched
     stored_frac: float | None = None  # stored values per dense weight (for the per-stored column)
     label: str = ""
+    # FFMAs a thread issues per loop iteration, for loops with a runtime trip count that ptxas may unroll:
+    # the loop's FFMAs over it is the unroll factor, and the counts are divided by it
+    ffma_per_iter: int | None = None
     result: dict = field(default_factory=dict)
 
 
@@ -124,14 +129,15 @@ def main_loop(sass: str) -> dict:
                 loops.append((start, i))
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     if not inner:
-        return {"loop": 0, "fma": 0, "ldg": 0, "bar": 0, "async": 0, "shfl": 0, "lds_sts": 0, "loops": 0}
+        return {"loop": 0, "fma": 0, "ffma": 0, "ldg": 0, "bar": 0, "async": 0, "shfl": 0, "lds_sts": 0,
+                "loops": 0}
     start, end = max(inner, key=lambda lp: lp[1] - lp[0])
     body = [op for op, _ in instrs[start:end + 1]]
 
     def count(*prefixes: str) -> int:
         return sum(1 for op in body if op.split(".")[0] in prefixes)
 
-    return {"loop": len(body), "fma": count(*FMA_OPS), "ldg": count("LDG"), "bar": count("BAR"),
+    return {"loop": len(body), "fma": count(*FMA_OPS), "ffma": count("FFMA"), "ldg": count("LDG"), "bar": count("BAR"),
             "async": count(*ASYNC_OPS), "shfl": count("SHFL"), "lds_sts": count("LDS", "STS"), "loops": len(loops)}
 
 
@@ -232,7 +238,8 @@ def cols_jobs() -> list[Job]:
     fn, st = t._gemv_cols_kernel, t.COLS_STAGES
     return [Job("cols gemv", fn, h, {"HAS_BIAS": False, "HW_LOAD": True, "X_BITS": 16, "BLOCK_M": m,
                                      "BLOCK_N": bn, "BLOCK_V": bv, "NUM_STAGES": st},
-                w, st, m, bn * bv, "stored value", gemv_grid(fn, m, bn, 256), None, f"BN{bn} BV{bv} w{w} s{st}")
+                w, st, m, bn * bv, "stored value", gemv_grid(fn, m, bn, 256), None, f"BN{bn} BV{bv} w{w} s{st}",
+                ffma_per_iter=max(1, m * bn * bv // (32 * w)))
             for m in (1, 8) for bn, bv, w in t.COLS_SHAPES]
 
 
@@ -246,8 +253,10 @@ def nested_jobs(m: int) -> list[Job]:
     for bn, bj, w in t.COLS_SHAPES:
         fn = t._gemv_cols_kernel
         out.append(Job("nested cols gemv", fn, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
-                       {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj}, w, 2, m,
-                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}"))
+                       {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj,
+                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {})}, w, 2, m,
+                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}",
+                       ffma_per_iter=max(1, m * bn * bj // (32 * w))))
     stages_levels = getattr(t, "LEVELS_STAGES", 2)
     for bn, w in t.LEVELS_SHAPES:
         fn = t._gemv_levels_kernel
@@ -267,7 +276,8 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
             lines.append(f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | compile error: {r['error'][:80]} |")
             continue
         threads = 32 * job.num_warps
-        per = r["loop"] * threads / job.per_step
+        unroll = max(1, r["ffma"] // job.ffma_per_iter) if job.ffma_per_iter else 1
+        per = r["loop"] * threads / job.per_step / unroll
         if job.unit == "dense weight":
             dense, stored = per, (per / job.stored_frac if job.stored_frac else None)
         else:
@@ -277,7 +287,8 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
         spill = f" ({r['local']})" if r["local"] else ""
         lines.append(
             f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | {r['regs']}{spill} | "
-            f"{resident(r['regs'], r['smem'], job.num_warps, arch)} | {r['loop']} | "
+            f"{resident(r['regs'], r['smem'], job.num_warps, arch)} | {r['loop']}"
+            f"{f' (unrolled x{unroll})' if unroll > 1 else ''} | "
             f"{'' if dense is None else f'{dense:.2f}'} | {'' if stored is None else f'{stored:.2f}'} | "
             f"{r['fma']} | {r['ldg']} | {r['bar']} | {r['async']} | {progs} |")
     return "\n".join(lines)

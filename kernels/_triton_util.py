@@ -128,3 +128,20 @@ def store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, 
                 total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
+
+
+@triton.jit
+def gather_load(ptrs, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr):
+    """The read-only values at `ptrs` (a gather of X_BITS-bit elements, 16 or 32). HW_LOAD: one
+    ``ld.global.nc`` per element as inline PTX, which keeps the layout of `ptrs` (a tl.load gather gets a
+    layout of its own from Triton's coalescing, and converting the index tile to it costs shared-memory round
+    trips and barriers per step); else tl.load (Triton's CPU interpreter runs no inline assembly). Both load
+    the same values."""
+    if HW_LOAD:
+        a = ptrs.to(tl.int64, bitcast=True)
+        if X_BITS == 16:
+            return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [a],
+                                             dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [a],
+                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+    return tl.load(ptrs)

@@ -24,7 +24,7 @@ from ._launch import (
     next_power_of_2,
     split_k_buffers,
 )
-from ._triton_util import autotune_bench, split_k_grid, store_split_k
+from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
 from .formats import COLS_TILE, PackedCols
 from .reference import check_linear_inputs
 
@@ -41,22 +41,6 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 16, "NUM_STAGES": 2}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "NUM_STAGES": COLS_STAGES}, num_warps=w,
                           num_stages=COLS_STAGES) for bn, bv, w in COLS_SHAPES]
-
-
-@triton.jit
-def _gather_x(ptrs, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr):
-    """x at `ptrs` (a gather). HW_LOAD: one ``ld.global.nc`` per element as inline PTX, which keeps the
-    layout of `ptrs` (the column tile's: a tl.load gather gets a layout of its own, and converting to it
-    costs shared-memory round trips and barriers per step); else tl.load (Triton's CPU interpreter runs no
-    inline assembly). Both load the same values."""
-    if HW_LOAD:
-        a = ptrs.to(tl.int64, bitcast=True)
-        if X_BITS == 16:
-            return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [a],
-                                             dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [a],
-                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
-    return tl.load(ptrs)
 
 
 @triton.jit
@@ -95,7 +79,7 @@ def _gemv_cols_kernel(
             e = start[:, None] + j[None, :]
             val = tl.load(values_ptr + e, mask=jm, other=0.0)
             col = tl.load(cols_ptr + e, mask=jm, other=0).to(tl.int32)  # masked entries read x at column 0
-            xv = _gather_x(x_tile + col[None, :, :], HW_LOAD, X_BITS)  # [BM, BN, BV]
+            xv = gather_load(x_tile + col[None, :, :], HW_LOAD, X_BITS)  # [BM, BN, BV]
             acc3 += val.to(tl.float32)[None, :, :] * xv.to(tl.float32)
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
     store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,

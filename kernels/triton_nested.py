@@ -37,7 +37,7 @@ from ._launch import (
     interpreter_enabled,
     split_k_buffers,
 )
-from ._triton_util import autotune_bench, split_k_grid, store_split_k
+from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs
 
@@ -77,11 +77,13 @@ def _split_tiles(n_tiles, pid_s, SPLIT_K):
 def _gemv_cols_kernel(
     x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, TIER,
-    HAS_BIAS: tl.constexpr, TILE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # ends_ptr is level_ends[TIER]: [N, tiles] prefix lengths of this tier (TIER only keys the autotuning).
-    # Split-K over the format tiles (grid axis 1, _triton_util.store_split_k).
+    # Split-K over the format tiles (grid axis 1, _triton_util.store_split_k); 32-bit value indices (the
+    # launcher checks the value count); x gathered without a mask (rows past M read row M - 1, masked
+    # entries column 0) by _triton_util.gather_load.
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -89,11 +91,10 @@ def _gemv_cols_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
-    m_mask = (offs_m < M)[:, None, None]
     n_tiles = tl.cdiv(K, TILE)
-    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
-    tile_rows = offs_n.to(tl.int64) * n_tiles
-    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BM, 1, 1]
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)  # [BN]
+    tile_rows = offs_n * n_tiles
+    x_rows = x_ptr + (tl.minimum(offs_m, M - 1) * stride_xm)[:, None, None]  # [BM, 1, 1]
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_J), dtype=tl.float32)
     t_lo, t_hi = _split_tiles(n_tiles, pid_s, SPLIT_K)
     for t in range(t_lo, t_hi):
@@ -105,7 +106,7 @@ def _gemv_cols_kernel(
             j_mask = j[None, :] < length[:, None]  # [BN, BJ]
             v = tl.load(values_ptr + start + j[None, :], mask=j_mask, other=0.0)
             col = tl.load(cols_ptr + start + j[None, :], mask=j_mask, other=0).to(tl.int32)
-            xv = tl.load(x_rows + (t * TILE + col)[None, :, :], mask=m_mask & j_mask[None, :, :], other=0.0)
+            xv = gather_load(x_rows + (t * TILE + col)[None, :, :], HW_LOAD, X_BITS)
             acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)  # [BM, BN, BJ]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
     store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
@@ -218,6 +219,9 @@ def linear_nested_triton(
     flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile, "BLOCK_M": block_m}
     shape = (m, n, k, x2.stride(0), y.stride(0), tier)
     if index == "cols":
+        if packed.values.numel() >= 2**31 or n * -(-k // packed.tile) >= 2**31:
+            raise ValueError("the nested cols kernel uses 32-bit offsets: values and N * tiles must be < 2**31")
+        flags.update(HW_LOAD=not interpreter_enabled(), X_BITS=8 * x.element_size())
         ends = packed.level_ends[tier]  # [N, tiles]: the only slice of level_ends this tier reads
         args = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
         kernel, tuned = _gemv_cols_kernel, _gemv_cols_tuned

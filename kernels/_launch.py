@@ -13,7 +13,7 @@ KernelPath = Literal["auto", "gemv", "dot"]
 # Largest M served by the GEMV (FMA) kernels under path="auto"; above it the tl.dot kernels run.
 # Chosen from benchmarks/bench_kernels.py on an H100 (docs/benchmarks.md, "Kernels").
 GEMV_MAX_M = 8
-# From this many rows, path="auto" of a 2:4 or bitmap weight runs dense cuBLAS (F.linear) on the weight
+# From this many rows, path="auto" of a 2:4, bitmap or cols weight runs dense cuBLAS (F.linear) on the weight
 # unpacked by one Triton launch (``dispatch.sparse_linear``): at prefill sizes the GEMM is compute-bound, so a
 # sparse tier pays one pass over its packed bytes (plus 2 bytes a weight written) instead of a dot kernel
 # that runs the same tensor-core FLOPs as dense with the expansion on top. Not timed (no GPU lent, issue 14).

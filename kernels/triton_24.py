@@ -42,9 +42,8 @@ from .reference import check_linear_inputs
 __all__ = ["linear_24_triton", "unpack_24_triton"]
 
 
-# Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-# num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-# gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages); num_stages is also the K loop's tl.range(num_stages) (cp.async)
+# Autotune candidates: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the gemv kernels (num_stages is also the K
+# loop's tl.range(num_stages): cp.async stages) and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for dot.
 # gather, M = 1: 8192 weights a step (32 values a thread), so split-K reaches two waves at N = 1024, K = 4096
 GEMV_SHAPES = [(16, 512, 4, 2), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 3)]
 EXPAND_SHAPES = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 3)]  # expand, 2..8

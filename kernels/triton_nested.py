@@ -2,20 +2,22 @@
 
 One launch serves any tier k; the tier is a runtime argument and only the prefix of each (row, tile)
 value run is read. A program owns BLOCK_N rows and all rows of x (up to 8; more rows tile the grid, each
-block re-reading the weight from L2), walks K one format tile at a time and accumulates fp32 partial
-products in a register tile reduced once after the loop (as ``triton_bitmap``). Two kernels, one per
-index (``PackedNested.index_for`` picks the one that reads fewer bytes):
+block re-reading the weight from L2), walks its split of K (split-K over the format tiles, grid axis 1,
+``_triton_util.store_split_k``) one format tile at a time and accumulates fp32 partial products in a
+register tile reduced once after the loop. Two kernels, one per index (``PackedNested.index_for`` picks the
+one that reads fewer bytes):
 
 * ``cols`` (sparse tiers): per tile, the prefix length ``level_ends[k, n, t]`` of each row, then
   BLOCK_J values and their uint8 columns per step while any row of the block has some left; x is gathered
-  at ``t * tile + col`` (x is small and stays in L1/L2). Work scales with the tier's kept weights.
+  at ``t * tile + col`` (x is small and stays in L1/L2; ``_triton_util.gather_load``). Work scales with the
+  tier's kept weights. Its loads are 1-2 byte loads at unaligned run starts, which Triton does not pipeline.
 * ``levels`` (dense tiers): per tile, the P level-code planes of each row ([BLOCK_N, tile / 32, P] words)
   are expanded to codes; a weight is kept iff code <= k. Its slot in the tile's level-major run is
   ``start[level] + (same-level weights before it)``. Both counts come from one scan: each kept weight
   contributes ``1 << (8 * level)`` to an int64, so an inclusive ``cumsum`` along the tile holds all
   per-level running counts in 8-bit fields (<= tile <= 128, no carries); the per-level totals times
   0x0101010101010101, shifted one field, are the exclusive per-level starts. The dense [BLOCK_N, tile]
-  tile then feeds fp32 FMAs, as in the bitmap kernel.
+  tile then feeds fp32 FMAs; the plane words and the x tile are cp.async copies (``tl.range(num_stages)``).
 
 GEMV only (decode): there is no tensor-core path, ``path="dot"`` is rejected. Reference:
 ``nested.linear_nested_reference``. This module imports triton: ``dispatch`` imports it lazily.

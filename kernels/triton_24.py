@@ -132,11 +132,12 @@ def _gemv_24_kernel(
     # 32-bit offsets (the launcher checks N * K / 2 < 2**31)
     v_rows = values_ptr + (offs_n * half)[:, None, None]
     m_rows = meta_ptr + (offs_n * n_words)[:, None]
-    x_rows = x_ptr + (offs_m * stride_xm)[:, None, None, None]
+    # unmasked x gathers: rows past M read row M - 1 (never stored), columns clamped to K - 1 (the masked
+    # values are 0, so those products vanish for finite x, as the zeros of a dense row do)
+    x_rows = x_ptr + (tl.minimum(offs_m, M - 1) * stride_xm)[:, None, None, None]
     rel = (16 * w)[:, None] + j[None, :]  # [W, 16] value index in the step
     col0 = (32 * w)[:, None] + 4 * (j // 2)[None, :]  # [W, 16] first input of the value's group
     shift = 2 * j
-    m_ok = (offs_m < M)[:, None, None, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N, W, 16), dtype=tl.float32)
     w_hi = (k_hi + 31) // 32  # words of this split (a split ends on a K step, so on a word)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):  # values and meta: cp.async copies
@@ -147,7 +148,7 @@ def _gemv_24_kernel(
         word = tl.load(m_rows + (k0 // 32 + w)[None, :], mask=wmask, other=0)  # [BN, W]
         idx = (word[:, :, None] >> shift[None, None, :]) & 3  # [BN, W, 16]
         col = k0 + col0[None, :, :] + idx
-        xv = tl.load(x_rows + col[None, :, :, :], mask=m_ok & mask[None, :, :, :], other=0.0)
+        xv = tl.load(x_rows + tl.minimum(col, K - 1)[None, :, :, :])
         acc += v.to(tl.float32)[None, :, :, :] * xv.to(tl.float32)
     acc2 = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     store_split_k(acc2, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,

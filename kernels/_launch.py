@@ -13,11 +13,6 @@ KernelPath = Literal["auto", "gemv", "dot"]
 # Largest M served by the GEMV (FMA) kernels under path="auto"; above it the tl.dot kernels run.
 # Chosen from benchmarks/bench_kernels.py on an H100 (docs/benchmarks.md, "Kernels").
 GEMV_MAX_M = 8
-# From this many rows, path="auto" of a 2:4, bitmap or cols weight runs dense cuBLAS (F.linear) on the weight
-# unpacked by one Triton launch (``dispatch.sparse_linear``): at prefill sizes the GEMM is compute-bound, so a
-# sparse tier pays one pass over its packed bytes (plus 2 bytes a weight written) instead of a dot kernel
-# that runs the same tensor-core FLOPs as dense with the expansion on top. Not timed (no GPU lent, issue 14).
-DENSE_PREFILL_MIN_M = 16
 
 
 @dataclass(frozen=True)
@@ -66,21 +61,16 @@ def check_triton_device(x: torch.Tensor) -> None:
 # every SM busy with several programs (latency hiding comes from programs in flight, not from the grid).
 NUM_SMS = 132
 SPLIT_K_TARGET_PROGRAMS = 4 * NUM_SMS
-SPLIT_K_MIN_PROGRAMS = 2 * NUM_SMS  # two waves
-SPLIT_K_MAX = 32
+SPLIT_K_MAX = 16
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
 def choose_split_k(tiles: int, k: int, block_k: int, min_steps: int = 2) -> int:
     """Splits of K (a power of 2) for `tiles` output tiles: enough for SPLIT_K_TARGET_PROGRAMS programs,
-    each split keeping >= min_steps K steps of block_k; then, while the grid is still under two waves
-    (2 programs per SM), splits down to one K step each (a short split costs one more partial; an idle SM
-    costs its share of the bandwidth)."""
+    each split keeping >= min_steps K steps of block_k."""
     split = 1
     steps = -(-k // block_k)
     while tiles * split < SPLIT_K_TARGET_PROGRAMS and split < SPLIT_K_MAX and steps >= 2 * min_steps * split:
-        split *= 2
-    while tiles * split < SPLIT_K_MIN_PROGRAMS and split < SPLIT_K_MAX and steps >= 2 * split:
         split *= 2
     return split
 

@@ -7,7 +7,12 @@ from collections.abc import Callable, Sequence
 import triton
 import triton.language as tl
 
-from ._launch import choose_split_k, next_power_of_2, split_k_buffers
+from ._launch import NUM_SMS, choose_split_k, next_power_of_2, split_k_buffers
+
+# Two waves: while a gemv grid has fewer programs than this, split_k_grid splits K further, down to one K step
+# a split (a short split costs one more fp32 partial; an idle SM costs its share of the bandwidth).
+SPLIT_K_MIN_PROGRAMS = 2 * NUM_SMS
+SPLIT_K_WAVES_MAX = 32
 
 
 def autotune_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
@@ -35,9 +40,16 @@ def popcount32(v, HW_POPC: tl.constexpr):
 
 
 def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]:
-    """GEMV grid (N tiles, K splits, M tiles): the kernels read SPLIT_K as tl.num_programs(1)."""
+    """GEMV grid (N tiles, K splits, M tiles): the kernels read SPLIT_K as tl.num_programs(1).
+
+    K splits: ``choose_split_k``'s (>= 2 K steps a split), then doubled while the grid is under two waves
+    (SPLIT_K_MIN_PROGRAMS) and every split keeps >= 1 K step, up to SPLIT_K_WAVES_MAX."""
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    return triton.cdiv(n, block_n), choose_split_k(tiles, k, block_k), triton.cdiv(m, block_m)
+    split = choose_split_k(tiles, k, block_k)
+    steps = triton.cdiv(k, block_k)
+    while tiles * split < SPLIT_K_MIN_PROGRAMS and split < SPLIT_K_WAVES_MAX and steps >= 2 * split:
+        split *= 2
+    return triton.cdiv(n, block_n), split, triton.cdiv(m, block_m)
 
 
 def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, **flags) -> None:

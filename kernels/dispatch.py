@@ -10,12 +10,18 @@ import torch
 import torch.nn.functional as F
 from sparsedial.engine.options import Backend, parse  # the engine's Backend enum: one type for both
 
-from ._launch import DENSE_PREFILL_MIN_M, KernelPath, interpreter_enabled
+from ._launch import KernelPath, interpreter_enabled
 from .formats import Packed24, PackedBitmap, PackedCols, unpack_cols
 from .nested import PackedNested, linear_nested_reference
 from .reference import check_linear_inputs, linear_24_reference, linear_bitmap_reference
 
-__all__ = ["Backend", "sparse_linear"]
+__all__ = ["DENSE_PREFILL_MIN_M", "Backend", "sparse_linear"]
+
+# From this many rows, path="auto" of a 2:4, bitmap or cols weight runs dense cuBLAS (F.linear) on the weight
+# unpacked by one Triton launch: at prefill sizes the GEMM is compute-bound, so a sparse tier pays one pass
+# over its packed bytes (plus 2 bytes a weight written) instead of a dot kernel that runs the same
+# tensor-core FLOPs as dense with the expansion on top. Not timed (no GPU lent, issue 14).
+DENSE_PREFILL_MIN_M = 16
 
 
 def sparse_linear(

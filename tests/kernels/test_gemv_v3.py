@@ -50,17 +50,23 @@ def test_gemv_split_k(case: str, fmt: str, device: torch.device) -> None:
 
 
 @needs_triton
-def test_choose_split_k() -> None:
+def test_split_k_grid() -> None:
     from sparsedial.kernels._launch import NUM_SMS, SPLIT_K_TARGET_PROGRAMS, choose_split_k
+    from sparsedial.kernels._triton_util import split_k_grid
 
     assert choose_split_k(4096, 4096, 512) == 1  # enough tiles already
     split = choose_split_k(128, 4096, 512)  # 1024 x 4096 at BLOCK_N = 8
     assert 128 * split >= SPLIT_K_TARGET_PROGRAMS // 2 and 4096 // 512 // split >= 2
-    # 1024 x 4096 at 16 x 512 tiles: 64 tiles, 8 K steps; two splits of >= 2 steps give 256 programs, under
-    # two waves, so it splits to one step each
-    assert choose_split_k(64, 4096, 512) == 8 and 64 * 8 >= 2 * NUM_SMS
-    assert choose_split_k(16, 128, 64) == 2  # 2 K steps, 16 tiles: one step a split (under two waves)
-    assert choose_split_k(16, 64, 64) == 1  # one K step: nothing to split
+    assert split_k_grid(4096, 1, 4096, 1, 16, 512) == (256, 4, 1)  # choose_split_k's 4: 1024 programs already
+    # 1024 x 4096 at 16 x 512 tiles: 64 tiles, 8 K steps; choose_split_k's 4 splits give 256 programs, under
+    # two waves, so the grid splits to one step each
+    assert choose_split_k(64, 4096, 512) == 4
+    assert split_k_grid(1024, 1, 4096, 1, 16, 512) == (64, 8, 1) and 64 * 8 >= 2 * NUM_SMS
+    assert split_k_grid(16 * 16, 1, 128, 1, 16, 64) == (16, 2, 1)  # 2 K steps, 16 tiles: one step a split
+    assert split_k_grid(16 * 16, 1, 64, 1, 16, 64) == (16, 1, 1)  # one K step: nothing to split
+    # 16 tiles, 32 K steps: choose_split_k stops at its maximum 16 (256 programs), one more doubling -> 512
+    assert choose_split_k(16, 4096, 128) == 16 and split_k_grid(1024, 8, 4096, 8, 64, 128)[1] == 32
+    assert split_k_grid(64, 1, 65536, 1, 64, 64)[1] == 32  # one tile: capped at SPLIT_K_WAVES_MAX
 
 
 # 2:4 tensor-core gemv (BLOCK_M = 16, W on the MMA's M side): name -> (M, N, K, bias, BLOCK_N, BLOCK_K, split_k)

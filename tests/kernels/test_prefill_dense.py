@@ -53,7 +53,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> None:
 @pytest.mark.parametrize(("m", "bias"), [(16, True), (17, False), (40, True)])
 def test_auto_prefill_runs_dense(m: int, bias: bool, dtype: torch.dtype, fmt: str, device: torch.device,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from sparsedial.kernels._launch import DENSE_PREFILL_MIN_M
+    from sparsedial.kernels.dispatch import DENSE_PREFILL_MIN_M
 
     assert m >= DENSE_PREFILL_MIN_M
     x, packed, b, ref = make_case(fmt, m, 21, 100, dtype, bias, 0.4, seed=m, device=device)

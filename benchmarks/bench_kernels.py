@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from sparsedial.kernels import pack_24, pack_bitmap, pack_nested, sparse_linear
+from sparsedial.kernels.formats import pack_cols
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOCS, write_section
@@ -52,6 +53,7 @@ SHAPES = {  # name: (N = out features, K = in features)
 }
 M_VALUES = [1, 2, 4, 8, 16, 32, 128]
 BITMAP_SPARSITIES = [0.5, 0.7]
+COLS_MIN_SPARSITY = 0.7  # the values + one-byte column format (kernels/triton_cols.py) is timed from here on
 NESTED_SPARSITIES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the model's unstructured tiers, sparsest first
 NESTED_BYTES_SHAPE = "llama2-7b qkvo 4096x4096"  # the shape of the bytes table (bytes/weight barely move with K)
 
@@ -152,6 +154,7 @@ class WeightSet:
     p24: object
     torch_24: object | None
     bitmaps: dict[float, object]
+    cols: dict[float, object]  # same masks as `bitmaps`, sparsities >= COLS_MIN_SPARSITY
 
 
 def make_sets(n: int, k: int, count: int, dev: str, dtype: torch.dtype) -> tuple[list[WeightSet], dict, str]:
@@ -169,15 +172,17 @@ def make_sets(n: int, k: int, count: int, dev: str, dtype: torch.dtype) -> tuple
                 torch_24 = to_sparse_semi_structured(w24)
             except Exception as exc:  # noqa: BLE001 -- report any failure as n/a
                 note = f"n/a: {type(exc).__name__}: {exc}"[:120]
-        bitmaps = {}
+        bitmaps, cols = {}, {}
         for s in BITMAP_SPARSITIES:
             mask = torch.rand(n, k, device=dev) >= s
             bitmaps[s] = pack_bitmap(w, mask)
+            if s >= COLS_MIN_SPARSITY:
+                cols[s] = pack_cols(w, mask)
             if i == 0:
                 refs[s] = torch.where(mask, w, torch.zeros_like(w))
         if i == 0:
             refs["24"] = w24
-        sets.append(WeightSet(w, pack_24(w, mask24), torch_24, bitmaps))
+        sets.append(WeightSet(w, pack_24(w, mask24), torch_24, bitmaps, cols))
     return sets, refs, note
 
 
@@ -249,6 +254,9 @@ def bench_shape(
                 add(f"{label} [{path}]",
                     lambda ws, x, s=s, path=path: lambda: sparse_linear(x, ws.bitmaps[s], path=path),
                     bms[s].nbytes, refs[s])
+            if s in sets[0].cols:
+                add(f"ours cols {int(100 * s)}%", lambda ws, x, s=s: lambda: sparse_linear(x, ws.cols[s]),
+                    sets[0].cols[s].nbytes, refs[s], gpu_only=True)
         this_m = [r for r in rows if r.m == m]
         dense_us = this_m[0].us  # "dense F.linear" is added first
         for r in this_m:

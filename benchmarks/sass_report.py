@@ -3,17 +3,20 @@
 ``triton.compile`` runs for a CUDA target (sm_90 / sm_80) without a device: it lowers to PTX, runs Triton's
 bundled ``ptxas`` and returns the cubin; the ``nvdisasm`` and ``cuobjdump`` that ship with Triton
 (``triton/backends/nvidia/bin``) disassemble it and report its resources. Per kernel, config and row
-bucket (M = 1 and M = 8; decode kernels) this reports, from the SASS:
+bucket (M = 1 and M = 8; decode kernels; M = 16 for the 2:4 tensor-core gemv, whose one BLOCK_M = 16 tile
+serves 2..16 rows) this reports, from the SASS:
 
 * the main loop: the largest innermost loop (a backward branch), its instructions per thread per step,
-  and those times the threads of a program over the dense weights (or stored values) one step covers;
+  and those times the threads of a program over the dense weights (or stored values) one step covers
+  (loops with a runtime trip count that ptxas unrolled: divided by the unroll factor, the loop's FFMAs over
+  the FFMAs of one iteration, shown as "unrolled xN");
 * FMAs (FFMA / HFMA2 / tensor-core ops), global loads, barriers (BAR), and async copies (LDGSTS =
   ``cp.async``, UTMALDG / UBLKCP = TMA) inside that loop;
 * registers and local memory (spills) per thread (``cuobjdump -res-usage``), the programs that fit on one
   SM at that register / shared-memory use, and for every shape of ``bench_kernels.py`` the programs per
   SM (grid size / 132 SMs of an H100 SXM) the launcher would start.
 
-Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,nested] [--write LABEL]
+Usage: python benchmarks/sass_report.py [--arch 90 80] [--only 24,bitmap,cols,nested] [--write LABEL]
 (``bench_kernels.py --sass`` runs it.) ``--write before|after`` stores the table in docs/benchmarks.md.
 """
 
@@ -37,7 +40,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS, write_section
+from _report import DOCS, machine, write_section
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMS = 132  # H100 SXM
@@ -71,6 +74,9 @@ class Job:
     grid: object  # (n, k, m) -> programs launched
     stored_frac: float | None = None  # stored values per dense weight (for the per-stored column)
     label: str = ""
+    # FFMAs a thread issues per loop iteration, for loops with a runtime trip count that ptxas may unroll:
+    # the loop's FFMAs over it is the unroll factor, and the counts are divided by it
+    ffma_per_iter: int | None = None
     result: dict = field(default_factory=dict)
 
 
@@ -123,14 +129,15 @@ def main_loop(sass: str) -> dict:
                 loops.append((start, i))
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     if not inner:
-        return {"loop": 0, "fma": 0, "ldg": 0, "bar": 0, "async": 0, "shfl": 0, "lds_sts": 0, "loops": 0}
+        return {"loop": 0, "fma": 0, "ffma": 0, "ldg": 0, "bar": 0, "async": 0, "shfl": 0, "lds_sts": 0,
+                "loops": 0}
     start, end = max(inner, key=lambda lp: lp[1] - lp[0])
     body = [op for op, _ in instrs[start:end + 1]]
 
     def count(*prefixes: str) -> int:
         return sum(1 for op in body if op.split(".")[0] in prefixes)
 
-    return {"loop": len(body), "fma": count(*FMA_OPS), "ldg": count("LDG"), "bar": count("BAR"),
+    return {"loop": len(body), "fma": count(*FMA_OPS), "ffma": count("FFMA"), "ldg": count("LDG"), "bar": count("BAR"),
             "async": count(*ASYNC_OPS), "shfl": count("SHFL"), "lds_sts": count("LDS", "STS"), "loops": len(loops)}
 
 
@@ -158,6 +165,11 @@ def gemv_grid(fn: object, bm: int, bn: int, bk: int):
     return lambda n, k, m: -(-n // bn)
 
 
+def stages(fn: object, num_stages: int) -> dict[str, int]:
+    """The NUM_STAGES constexpr (the K loop's ``tl.range(num_stages=...)``) of kernels that take it."""
+    return {"NUM_STAGES": num_stages} if "NUM_STAGES" in fn.arg_names else {}
+
+
 def legacy_jobs(only: set[str]) -> list[Job]:
     """Every autotune config of the gemv kernels of kernels/triton_24.py, triton_bitmap.py, triton_nested.py."""
     out = []
@@ -172,44 +184,86 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 name = "2:4 gemv gather" if m == 1 else "2:4 gemv expand"
                 if m > 1:
                     fn, shapes = t._gemv_24_expand_kernel, t.EXPAND_SHAPES
-            for bn, bk, w, *_ in shapes:
+            for bn, bk, w, *rest in shapes:
+                st = rest[0] if rest else 2
                 out.append(Job(name, fn, {**h, "meta_ptr": "*i32"},
-                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk}, w, 2, m, bn * bk,
-                               "dense weight", gemv_grid(fn, m, bn, bk), 0.5, f"BN{bn} BK{bk} w{w}"))
+                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st)}, w,
+                               st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
+                               f"BN{bn} BK{bk} w{w} s{st}"))
         if "bitmap" in only:
             from sparsedial.kernels import triton_bitmap as t
 
             fn, shapes, name = t._gemv_bitmap_kernel, t.GEMV_SHAPES, "bitmap gemv"
-            if hasattr(t, "_gemv_bitmap_popc_kernel"):  # issue 14: running count at M = 1, popcount at 2..8
-                name = "bitmap gemv count" if m == 1 else "bitmap gemv popc"
-                if m > 1:
-                    fn, shapes = t._gemv_bitmap_popc_kernel, t.POPC_SHAPES
-            for bn, bk, w, *_ in shapes:
-                out.append(Job(name, fn,
-                               {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
-                               {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk,
-                                **({"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True})},
-                               w, 2, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
-                               f"BN{bn} BK{bk} w{w}"))
+            if "GUARD" in fn.arg_names:  # issue 14: the running-pointer kernel for 1..8 rows
+                name = "bitmap gemv count"
+                shapes = t.GEMV_SHAPES if m == 1 else t.ROWS_SHAPES
+            # the M = 1 kernel: unguarded value loads (pack_bitmap's values), and the guarded variant for
+            # values without a readable tail (hand-built packs), first config only
+            guards = [False, True] if "GUARD" in fn.arg_names else [None]
+            for gi, guard in enumerate(guards):
+                for bn, bk, w, *rest in shapes[:1] if gi else shapes:
+                    st = rest[0] if rest else 2
+                    flags = {"EVEN_K": True} if "EVEN_K" in fn.arg_names else {"HW_POPC": True}
+                    if guard is not None:
+                        flags["GUARD"] = guard
+                    out.append(Job(name + (" guarded" if guard else ""), fn,
+                                   {**h, "bitmap_ptr": "*i32", "offsets_ptr": "*i16", "row_ptr": "*i64"},
+                                   {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk,
+                                    **stages(fn, st), **flags},
+                                   w, st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
+                                   f"BN{bn} BK{bk} w{w} s{st}"))
         if "nested" in only:
             out += nested_jobs(m)
+    if "cols" in only:
+        out += cols_jobs()
+    if "24" in only:
+        from sparsedial.kernels import triton_24 as t
+
+        if hasattr(t, "_gemv_24_tc_kernel"):  # issue 14: tensor-core gemv, 2..16 rows in one BLOCK_M = 16 tile
+            fn = t._gemv_24_tc_kernel
+            for bn, bk, w, st in t.TC_SHAPES:
+                out.append(Job("2:4 gemv tensor-core", fn, {**h, "meta_ptr": "*i32"},
+                               {"HAS_BIAS": False, "IEEE_FP32": False, "BLOCK_M": t.TC_BLOCK_M, "BLOCK_N": bn,
+                                "BLOCK_K": bk, "NUM_STAGES": st}, w, st, t.TC_BLOCK_M, bn * bk, "dense weight",
+                               gemv_grid(fn, t.TC_BLOCK_M, bn, bk), 0.5, f"BN{bn} BK{bk} w{w} s{st}"))
     return out
+
+
+def cols_jobs() -> list[Job]:
+    """The values + one-byte column kernel (kernels/triton_cols.py) at M = 1 and 8: per stored value."""
+    from sparsedial.kernels import triton_cols as t
+
+    h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32",
+         "lock_ptr": "*i32", "cols_ptr": "*u8", "run_ptr": "*i32"}
+    fn, st = t._gemv_cols_kernel, t.COLS_STAGES
+    return [Job("cols gemv", fn, h, {"HAS_BIAS": False, "HW_LOAD": True, "X_BITS": 16, "BLOCK_M": m,
+                                     "BLOCK_N": bn, "BLOCK_V": bv, "NUM_STAGES": st},
+                w, st, m, bn * bv, "stored value", gemv_grid(fn, m, bn, 256), None, f"BN{bn} BV{bv} w{w} s{st}",
+                ffma_per_iter=max(1, m * bn * bv // (32 * w)))
+            for m in (1, 8) for bn, bv, w in t.COLS_SHAPES]
 
 
 def nested_jobs(m: int) -> list[Job]:
     from sparsedial.kernels import triton_nested as t
 
     h = {"x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16", "row_ptr": "*i64",
-         "tile_off_ptr": "*i16"}
+         "tile_off_ptr": "*i16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    tile = 128
     out = []
     for bn, bj, w in t.COLS_SHAPES:
-        out.append(Job("nested cols gemv", t._gemv_cols_kernel, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
-                       {"HAS_BIAS": False, "TILE": 128, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj}, w, 2, m,
-                       bn * bj, "stored value", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} BJ{bj} w{w}"))
+        fn = t._gemv_cols_kernel
+        out.append(Job("nested cols gemv", fn, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
+                       {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj,
+                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {})}, w, 2, m,
+                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}",
+                       ffma_per_iter=max(1, m * bn * bj // (32 * w))))
+    stages_levels = getattr(t, "LEVELS_STAGES", 2)
     for bn, w in t.LEVELS_SHAPES:
-        out.append(Job("nested levels gemv", t._gemv_levels_kernel, {**h, "planes_ptr": "*i32"},
-                       {"HAS_BIAS": False, "TILE": 128, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn}, w, 2, m,
-                       bn * 128, "dense weight", lambda n, k, m, bn=bn: -(-n // bn), None, f"BN{bn} w{w}"))
+        fn = t._gemv_levels_kernel
+        out.append(Job("nested levels gemv", fn, {**h, "planes_ptr": "*i32"},
+                       {"HAS_BIAS": False, "TILE": tile, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn,
+                        **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
+                       gemv_grid(fn, m, bn, tile), None, f"BN{bn} w{w} s{stages_levels}"))
     return out
 
 
@@ -222,7 +276,8 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
             lines.append(f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | compile error: {r['error'][:80]} |")
             continue
         threads = 32 * job.num_warps
-        per = r["loop"] * threads / job.per_step
+        unroll = max(1, r["ffma"] // job.ffma_per_iter) if job.ffma_per_iter else 1
+        per = r["loop"] * threads / job.per_step / unroll
         if job.unit == "dense weight":
             dense, stored = per, (per / job.stored_frac if job.stored_frac else None)
         else:
@@ -232,7 +287,8 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
         spill = f" ({r['local']})" if r["local"] else ""
         lines.append(
             f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | {r['regs']}{spill} | "
-            f"{resident(r['regs'], r['smem'], job.num_warps, arch)} | {r['loop']} | "
+            f"{resident(r['regs'], r['smem'], job.num_warps, arch)} | {r['loop']}"
+            f"{f' (unrolled x{unroll})' if unroll > 1 else ''} | "
             f"{'' if dense is None else f'{dense:.2f}'} | {'' if stored is None else f'{stored:.2f}'} | "
             f"{r['fma']} | {r['ldg']} | {r['bar']} | {r['async']} | {progs} |")
     return "\n".join(lines)
@@ -241,7 +297,7 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    parser.add_argument("--only", default="24,bitmap,nested", help="comma list of 24, bitmap, nested")
+    parser.add_argument("--only", default="24,bitmap,cols,nested", help="comma list of 24, bitmap, cols, nested")
     parser.add_argument("--write", default=None, help="store the table in docs/benchmarks.md under this label")
     args = parser.parse_args()
     rows = []
@@ -254,7 +310,8 @@ def main() -> None:
             rows.append((job, arch, r))
             print(table([(job, arch, r)]).splitlines()[-1], file=sys.stderr, flush=True)
     tools = (f"triton {triton.__version__} (`triton.compile`, target cuda sm_{'/sm_'.join(map(str, args.arch))}), "
-             f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`")
+             f"{ptxas_version()}, nvdisasm / cuobjdump from `triton/backends/nvidia/bin`; compiled on "
+             f"{machine()} (compile only: no kernel ran, no GPU timing)")
     body = table(rows)
     print(f"\n{tools}\n\n{body}")
     if args.write:

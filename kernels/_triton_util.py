@@ -7,7 +7,12 @@ from collections.abc import Callable, Sequence
 import triton
 import triton.language as tl
 
-from ._launch import choose_split_k, next_power_of_2, split_k_buffers
+from ._launch import NUM_SMS, choose_split_k, next_power_of_2, split_k_buffers
+
+# Two waves: while a gemv grid has fewer programs than this, split_k_grid splits K further, down to one K step
+# a split (a short split costs one more fp32 partial; an idle SM costs its share of the bandwidth).
+SPLIT_K_MIN_PROGRAMS = 2 * NUM_SMS
+SPLIT_K_WAVES_MAX = 32
 
 
 def autotune_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
@@ -35,21 +40,31 @@ def popcount32(v, HW_POPC: tl.constexpr):
 
 
 def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: int) -> tuple[int, int, int]:
-    """GEMV grid (N tiles, K splits, M tiles): the kernels read SPLIT_K as tl.num_programs(1)."""
+    """GEMV grid (N tiles, K splits, M tiles): the kernels read SPLIT_K as tl.num_programs(1).
+
+    K splits: ``choose_split_k``'s (>= 2 K steps a split), then doubled while the grid is under two waves
+    (SPLIT_K_MIN_PROGRAMS) and every split keeps >= 1 K step, up to SPLIT_K_WAVES_MAX."""
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    return triton.cdiv(n, block_n), choose_split_k(tiles, k, block_k), triton.cdiv(m, block_m)
+    split = choose_split_k(tiles, k, block_k)
+    steps = triton.cdiv(k, block_k)
+    while tiles * split < SPLIT_K_MIN_PROGRAMS and split < SPLIT_K_WAVES_MAX and steps >= 2 * split:
+        split *= 2
+    return triton.cdiv(n, block_n), split, triton.cdiv(m, block_m)
 
 
-def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, **flags) -> None:
+def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, **flags) -> None:
     """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, BLOCK_K)``:
     autotuned over `shapes` [(BLOCK_N, BLOCK_K, ...)] when config is None, else with that tile (and its
-    split_k, or the heuristic's). BLOCK_M = all rows up to 8, so the weight is read once for decode."""
-    block_m = config.block_m if config else min(next_power_of_2(m), 8)
+    split_k, or the heuristic's). BLOCK_M = block_m, else config's, else all rows up to 8, so the weight is
+    read once for decode."""
+    block_m = block_m or (config.block_m if config else min(next_power_of_2(m), 8))
     if config is not None:
         grid = split_k_grid(n, m, k, block_m, config.block_n, config.block_k)
         if config.split_k is not None:
             grid = (grid[0], config.split_k, grid[2])
         ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], device)
+        if "NUM_STAGES" in kernel.arg_names:  # the K loop's tl.range(num_stages): cp.async stages
+            flags = {**flags, "NUM_STAGES": config.num_stages}
         kernel[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                      num_warps=config.num_warps, num_stages=config.num_stages, **flags)
         return
@@ -125,3 +140,20 @@ def store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, 
                 total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
+
+
+@triton.jit
+def gather_load(ptrs, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr):
+    """The read-only values at `ptrs` (a gather of X_BITS-bit elements, 16 or 32). HW_LOAD: one
+    ``ld.global.nc`` per element as inline PTX, which keeps the layout of `ptrs` (a tl.load gather gets a
+    layout of its own from Triton's coalescing, and converting the index tile to it costs shared-memory round
+    trips and barriers per step); else tl.load (Triton's CPU interpreter runs no inline assembly). Both load
+    the same values."""
+    if HW_LOAD:
+        a = ptrs.to(tl.int64, bitcast=True)
+        if X_BITS == 16:
+            return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [a],
+                                             dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [a],
+                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+    return tl.load(ptrs)

@@ -14,6 +14,11 @@ faster only when a format reads fewer bytes than that, index included):
   (``8 / K``, 0.002 at K=4096). The word offsets let a kernel rank a kept weight with one popcount of
   its masked bitmap word instead of a prefix sum over the row (50%: 1.19 bytes/weight, 70%: 0.79).
 
+* ``PackedCols`` (GPU, for >= 70-80% sparsity) at sparsity ``s``: per (row, 256-input tile) the kept
+  values (2 bytes) and their one-byte column in the tile, each run padded to a multiple of 8 entries, plus
+  one int32 run start per (row, tile): about ``3 (1 - s) + 0.04 + 0.016`` bytes/weight (70%: 0.96, 80%:
+  0.66, 90%: 0.36 against the bitmap's 0.79, 0.59, 0.39), but a kernel's work scales with the stored values.
+
 Layouts are neutral (row-major, little-endian bit order) so a backend can repack at load if it needs to.
 """
 
@@ -24,14 +29,19 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "COLS_TILE",
     "SUPPORTED_DTYPES",
     "Packed24",
     "PackedBitmap",
+    "PackedCols",
     "bitmap_word_offsets",
     "pack_24",
     "pack_bitmap",
+    "pack_cols",
     "unpack_24",
     "unpack_bitmap",
+    "unpack_cols",
+    "values_have_tail",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -170,7 +180,9 @@ class PackedBitmap:
     """An unstructured sparse weight as a bitmap plus the kept values compacted row-major.
 
     bitmap:  [N, ceil(K/32)] int32; weight (n, k) is kept iff bit ``k % 32`` of ``bitmap[n, k // 32]``.
-    values:  [nnz] kept values, row by row, increasing k within a row (dtype of the weight).
+    values:  [nnz] kept values, row by row, increasing k within a row (dtype of the weight). ``pack_bitmap``
+             and ``to`` store it as a view of a buffer one (zero) element longer, so a GPU kernel may load one
+             element past the last value (``values_have_tail``; the M = 1 Triton kernel relies on it).
     row_ptr: [N + 1] int64; row n's values are ``values[row_ptr[n]:row_ptr[n + 1]]``.
     shape:   (N, K) of the dense weight.
     word_offsets: [N, ceil(K/32)] int16, the number of kept values of row n before word w (an unsigned
@@ -211,8 +223,10 @@ class PackedBitmap:
 
     def to(self, device: torch.device | str) -> PackedBitmap:
         offsets = None if self.word_offsets is None else self.word_offsets.to(device)
+        values = self.values.to(device)
         return PackedBitmap(
-            self.bitmap.to(device), self.values.to(device), self.row_ptr.to(device), self.shape, offsets
+            self.bitmap.to(device), values if values_have_tail(values) else _with_tail(values),
+            self.row_ptr.to(device), self.shape, offsets
         )
 
 
@@ -225,7 +239,7 @@ def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packe
     _check_weight(weight)
     n, k = weight.shape
     keep = _check_mask(mask, weight)
-    values = weight[keep].contiguous()  # boolean indexing is row-major: row by row, increasing k
+    values = _with_tail(weight[keep])  # boolean indexing is row-major: row by row, increasing k
     counts = keep.sum(dim=1, dtype=torch.int64)
     row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
     row_ptr[1:] = counts.cumsum(0)
@@ -235,6 +249,19 @@ def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packe
     bits = torch.nn.functional.pad(keep.to(torch.int64), (0, pad))
     bitmap = _pack_bits(bits, 1).contiguous()
     return PackedBitmap(bitmap, values, row_ptr, (n, k), bitmap_word_offsets(bitmap))
+
+
+def _with_tail(values: torch.Tensor) -> torch.Tensor:
+    """`values` (1-D) as a view of a buffer one zero element longer (see ``values_have_tail``)."""
+    buf = torch.zeros(values.numel() + 1, dtype=values.dtype, device=values.device)
+    buf[:-1] = values.reshape(-1)
+    return buf[:-1]
+
+
+def values_have_tail(values: torch.Tensor) -> bool:
+    """True when the element after the last of `values` (contiguous) lies in its storage, so reading it is safe."""
+    end = (values.storage_offset() + values.numel() + 1) * values.element_size()
+    return values.is_contiguous() and values.untyped_storage().nbytes() >= end
 
 
 def bitmap_word_offsets(bitmap: torch.Tensor) -> torch.Tensor:
@@ -256,3 +283,101 @@ def unpack_bitmap(packed: PackedBitmap) -> torch.Tensor:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------------------------------
+# Values + one-byte columns (unstructured, GPU)
+# --------------------------------------------------------------------------------------------------
+
+COLS_TILE = 256  # inputs per column tile: a one-byte column
+_COLS_PAD = 8  # entries per run are padded to a multiple of this (16-byte value vectors, 8-byte column vectors)
+
+
+@dataclass(frozen=True)
+class PackedCols:
+    """An unstructured sparse weight as, per (row, 256-input tile), its kept values and one-byte columns.
+
+    values:  [E] kept values; run (n, t) = ``values[run_ptr[n * T + t]:run_ptr[n * T + t + 1]]`` holds the
+             kept weights of row n in inputs [256 t, 256 t + 256) in increasing input order, then zero-valued
+             padding entries up to a multiple of 8 (T = ceil(K / 256) tiles; runs are row-major, so each
+             run starts at a multiple of 8 entries).
+    cols:    [E] uint8, the input of each entry within its tile (padding entries: 0).
+    run_ptr: [N * T + 1] int32 run starts (E < 2**31).
+    shape:   (N, K) of the dense weight.
+    nnz:     kept weights (padding excluded).
+    """
+
+    values: torch.Tensor
+    cols: torch.Tensor
+    run_ptr: torch.Tensor
+    shape: tuple[int, int]
+    nnz: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.shape[1] // COLS_TILE)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed tensors (what a kernel must read)."""
+        return _nbytes(self.values) + _nbytes(self.cols) + _nbytes(self.run_ptr)
+
+    def to(self, device: torch.device | str) -> PackedCols:
+        return PackedCols(self.values.to(device), self.cols.to(device), self.run_ptr.to(device), self.shape,
+                          self.nnz)
+
+
+def pack_cols(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedCols:
+    """Pack ``weight * mask`` into the values + one-byte column format (any K, any pattern).
+
+    weight: [N, K] fp16/bf16/fp32. mask: [N, K] bool, or None for "the nonzeros of weight". Kept entries
+    whose value is 0 are stored as explicit zeros.
+    """
+    _check_weight(weight)
+    n, k = weight.shape
+    keep = _check_mask(mask, weight)
+    tiles = -(-k // COLS_TILE)
+    pad_k = tiles * COLS_TILE - k
+    keep_t = torch.nn.functional.pad(keep, (0, pad_k)).reshape(n * tiles, COLS_TILE)
+    w_t = torch.nn.functional.pad(weight, (0, pad_k)).reshape(n * tiles, COLS_TILE)
+    counts = keep_t.sum(dim=1, dtype=torch.int64)  # [N * T] kept per run
+    padded = (counts + _COLS_PAD - 1) // _COLS_PAD * _COLS_PAD
+    run_ptr = torch.zeros(n * tiles + 1, dtype=torch.int64, device=weight.device)
+    run_ptr[1:] = padded.cumsum(0)
+    total = int(run_ptr[-1])
+    if total >= 2**31:
+        raise ValueError(f"pack_cols stores int32 run starts: {total} entries do not fit")
+    # entry slot of each kept weight: its run's start + its rank in the run
+    rank = keep_t.to(torch.int64).cumsum(dim=1) - 1
+    slot = (run_ptr[:-1, None] + rank)[keep_t]
+    values = torch.zeros(total, dtype=weight.dtype, device=weight.device)
+    cols = torch.zeros(total, dtype=torch.uint8, device=weight.device)
+    col_idx = torch.arange(COLS_TILE, device=weight.device).expand(n * tiles, COLS_TILE)
+    values[slot] = w_t[keep_t]
+    cols[slot] = col_idx[keep_t].to(torch.uint8)
+    return PackedCols(values, cols, run_ptr.to(torch.int32), (n, k), int(keep.sum()))
+
+
+def unpack_cols(packed: PackedCols) -> torch.Tensor:
+    """Dense [N, K] weight with zeros at the dropped positions."""
+    n, k = packed.shape
+    tiles = packed.tiles
+    starts = packed.run_ptr.to(torch.int64)
+    lengths = starts[1:] - starts[:-1]  # [N * T] padded run lengths
+    run = torch.repeat_interleave(torch.arange(n * tiles, device=packed.device), lengths)  # run of each entry
+    flat = run * COLS_TILE + packed.cols.to(torch.int64)  # index in the tile-padded [N, T * 256] weight
+    dense = torch.zeros(n * tiles * COLS_TILE, dtype=packed.dtype, device=packed.device)
+    # a run's kept weights come first in increasing column order, so only its first entry can be a kept
+    # weight at column 0: padding is column 0 past the first entry
+    pos = torch.arange(flat.numel(), device=packed.device) - starts[:-1][run]
+    kept = (packed.cols != 0) | (pos == 0)
+    dense[flat[kept]] = packed.values[kept]
+    return dense.reshape(n, tiles * COLS_TILE)[:, :k].contiguous()

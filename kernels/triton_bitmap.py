@@ -5,13 +5,16 @@ Load-as-sparse, compute-as-dense. A program owns BLOCK_N rows and walks K in ste
 ([BLOCK_N, W] tiles), broadcasts them over the 32 inputs of a word in registers, and gets the value of
 kept weight (n, k) at ``row_ptr[n] + offset[n, w] + popcount(word & (2**(k % 32) - 1))`` (one popcount per
 input: no prefix sum along the row). Values are compacted row-major, so a step's reads of one row are one
-contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds fp32 FMAs for
-every row of x (``gemv``, decode; the weight is read once for all rows) or a ``tl.dot`` (``dot``).
-The gemv for one row of x (``_gemv_bitmap_kernel``) does not build the dense tile: each thread owns whole
-bitmap words and walks their 32 inputs in order with a running count (``offset`` + kept inputs so far), so
-no popcount and no broadcast of a word to 32 lanes; the 2..8-row gemv (``_gemv_bitmap_popc_kernel``) keeps
-the popcount tile above. Both split K over the grid's second axis, load the next step's words and offsets
-one step ahead and use 32-bit offsets. Reference: ``linear_bitmap_reference``.
+contiguous run and DRAM reads each value once. The dense [BLOCK_N, BLOCK_K] tile then feeds a ``tl.dot``
+(``dot``) or is stored (``unpack_bitmap_triton``, the prefill fallback of ``dispatch``).
+The gemv (``_gemv_bitmap_kernel``, 1..8 rows of x a program) does not build the dense tile: lanes run along
+K (one bitmap word per lane, the rows of the block across warps and registers, so each x load serves several
+rows), and each thread walks its word's 32 inputs in order with a running pointer to the next kept value
+(no popcount, no broadcast of a word to 32 lanes; the value at the pointer is loaded for every input and
+only the FMAs are predicated, which the readable element after the last value allows); words and word
+offsets are cp.async copies, pipelined ``NUM_STAGES - 1`` steps ahead by Triton (``tl.range(num_stages=...)``).
+It splits K over the grid's second axis and uses 32-bit offsets.
+Reference: ``linear_bitmap_reference``.
 """
 
 from __future__ import annotations
@@ -29,30 +32,35 @@ from ._launch import (
     interpreter_enabled,
 )
 from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, split_k_range, store_split_k
-from .formats import PackedBitmap, bitmap_word_offsets
+from .formats import PackedBitmap, bitmap_word_offsets, values_have_tail
 from .reference import check_linear_inputs
 
-__all__ = ["linear_bitmap_triton"]
+__all__ = ["linear_bitmap_triton", "unpack_bitmap_triton"]
 
 
 # Autotune candidates, (BLOCK_N, BLOCK_K, num_warps) for gemv and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages) for dot: small row blocks give every SM several programs (N / BLOCK_N >= 256 at N = 4096).
-GEMV_SHAPES = [(32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (8, 512, 4)]  # M = 1: >= 1 word a thread
-POPC_SHAPES = [(4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (4, 512, 4)]  # M = 2..8
+# M = 1, (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K / 32 words along the lanes (a warp at 1024, half a
+# warp at 512), each thread holds one word of BLOCK_N * BLOCK_K / (1024 * num_warps) rows (8 at one warp), and
+# those rows share each x load; 8192 weights a step, so split-K reaches two waves at N = 1024, K = 4096.
+GEMV_SHAPES = [(8, 1024, 1, 2), (16, 512, 1, 2), (32, 256, 1, 2), (8, 1024, 1, 3)]
+ROWS_SHAPES = [(8, 1024, 1, 2), (4, 1024, 1, 2), (8, 512, 1, 2)]  # the same kernel, M = 2..8
 DOT_SHAPES = [(16, 16, 256, 4, 2), (16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (32, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 
 
 def _gemv_configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in GEMV_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in GEMV_SHAPES]
 
 
-def _popc_configs() -> list[triton.Config]:
+def _rows_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in POPC_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in ROWS_SHAPES]
 
 
 def _dot_configs() -> list[triton.Config]:
@@ -82,71 +90,58 @@ def _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N,
 
 
 @triton.jit
-def _gemv_bitmap_kernel(
-    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # M = 1. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
-    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
-    # waits on one DRAM round trip (values) instead of two (words, then values).
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    SPLIT_K = tl.num_programs(1)
-    k_lo, k_hi = split_k_range(K, pid_s, SPLIT_K, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    n_words = (K + 31) // 32
-    w_hi = (k_hi + 31) // 32
-    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]
-    rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
-    BW: tl.constexpr = BLOCK_K // 32
-    wi = tl.arange(0, BW)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BW), dtype=tl.float32)
-    w = k_lo // 32 + wi
-    mask = n_mask[:, None] & (w < w_hi)[None, :]
-    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
-    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-    x_rows = x_ptr + (offs_m * stride_xm)[:, None]  # [BM, 1]
-    m_ok = (offs_m < M)[:, None]
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        word = word_next
-        cnt = off_next.to(tl.int32) & 0xFFFF  # running count: kept values of the row before this input
-        w = (k0 + BLOCK_K) // 32 + wi
+def _count_loop(x_rows, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi, K, one,
+                EVEN_K: tl.constexpr, GUARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The K loop of _gemv_bitmap_kernel: [BLOCK_M, BLOCK_N, BLOCK_K / 32] fp32 partial sums, one per word slot.
+
+    x_rows: [BLOCK_M] row pointers of x. GUARD: mask the value loads by the bit. Without it every input loads
+    the value at the running pointer and only the FMAs are predicated (no zero fill of a masked load, one
+    instruction less per input); that pointer never passes one element after the last stored value, which
+    ``pack_bitmap`` leaves readable (``formats.values_have_tail``; the launcher sets GUARD where it does not)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        w = k0 // 32 + wi
         mask = n_mask[:, None] & (w < w_hi)[None, :]
-        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
-        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-        # One word per thread slot: walk its 32 inputs in order with an in-thread running count (no
-        # popcount, no broadcast of the word to 32 lanes); the tensors stay in the word tile's layout.
-        x_word = x_rows + (k0 + 32 * wi)[None, :]  # [BM, BW]
-        x_ok = m_ok & (k0 + 32 * wi < K)[None, :]
+        e = rows + w[None, :]  # flat word index
+        word = tl.load(bitmap_ptr + e, mask=mask, other=0)  # [BN, BW] int32, padding bits past K are 0
+        pair = tl.load(pairs_ptr + (e >> 1), mask=mask, other=0)
+        off = (pair >> ((e & 1) * 16)) & 0xFFFF  # kept values of the row before the word
+        vp = values_ptr + (row_start + off)  # running pointer: the next kept value of the row
+        if EVEN_K:  # clamped, unmasked x loads (words past the split are all zero bits)
+            xw = x_rows[:, None] + tl.minimum(k0 + 32 * wi, K - 32)[None, :]  # [BM, BW]
+        else:
+            xw = x_rows[:, None] + (k0 + 32 * wi)[None, :]
         for t in tl.static_range(32):
-            bit = (word >> t) & 1
-            v = tl.load(row_vals + cnt, mask=bit != 0, other=0.0)  # [BN, BW]
             if EVEN_K:
-                xv = tl.load(x_word + t, mask=x_ok, other=0.0)  # [BM, BW]
-            else:  # the last word runs past K
-                xv = tl.load(x_word + t, mask=x_ok & (k0 + 32 * wi + t < K)[None, :], other=0.0)
-            acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)[:, None, :]
-            cnt += bit
-    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
-                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
+                xf = tl.load(xw + t).to(tl.float32)[:, None, :]  # [BM, 1, BW], shared by the thread's rows
+            else:
+                xf = tl.load(xw + t, mask=(k0 + 32 * wi + t < K)[None, :], other=0.0).to(tl.float32)[:, None, :]
+            kept = (word & (one << t)) != 0  # a runtime 1: LLVM keeps the AND with a mask (one LOP3)
+            if GUARD:
+                v = tl.load(vp, mask=kept, other=0.0)
+                acc += v.to(tl.float32)[None, :, :] * xf
+            else:
+                v = tl.load(vp)
+                acc = tl.where(kept[None, :, :], acc + v.to(tl.float32)[None, :, :] * xf, acc)
+            vp = tl.where(kept, vp + 1, vp)
+    return acc
 
 
 @triton.jit
-def _gemv_bitmap_popc_kernel(
+def _gemv_bitmap_kernel(
     x_ptr, bitmap_ptr, offsets_ptr, values_ptr, row_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, HW_POPC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GUARD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # M >= 2 (x reused across rows): the dense tile by one popcount per input, as the dot kernel. Split-K (grid axis 1), 32-bit offsets (the launcher checks nnz and N * words < 2**31), and the next
-    # step's bitmap words and word offsets loaded one step ahead, so the dependent value gather of a step
-    # waits on one DRAM round trip (values) instead of two (words, then values).
+    # BLOCK_M rows of x (1 for decode). Lanes along K: the [BLOCK_N, BW] word tile has no contiguity along its
+    # words (max_contiguous 1), so Triton lays one word per lane along K and the rows across warps and
+    # registers: a warp reads 32 consecutive words of a row (128 B), and each thread holds the same word of
+    # BLOCK_N * BW / (32 * num_warps) rows, so one x load per input serves all of them. The words and the word
+    # offsets (read as int32 pairs, 4 bytes a thread) are cp.async copies NUM_STAGES - 1 steps ahead
+    # (Triton's pipeliner, tl.range(num_stages)); the value loads (2 bytes at a running pointer) stay
+    # register loads. Split-K (grid axis 1); 32-bit value indices (the launcher checks nnz and N * words).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -157,35 +152,15 @@ def _gemv_bitmap_popc_kernel(
     n_mask = offs_n < N
     n_words = (K + 31) // 32
     w_hi = (k_hi + 31) // 32
-    row_vals = values_ptr + tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None, None]
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]  # [BN, 1]
+    wi = tl.max_contiguous(tl.arange(0, BLOCK_K // 32), 1)  # one word per lane: no vector loads along K
     rows = (offs_n * n_words)[:, None]  # [BN, 1] int32
-    BW: tl.constexpr = BLOCK_K // 32
-    wi = tl.arange(0, BW)
-    t = tl.arange(0, 32)
-    below = ~(-1 << t)[None, None, :]  # bits below t
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w = k_lo // 32 + wi
-    mask = n_mask[:, None] & (w < w_hi)[None, :]
-    word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)  # [BN, BW] int32
-    off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        word = word_next
-        off = off_next.to(tl.int32) & 0xFFFF
-        w = (k0 + BLOCK_K) // 32 + wi
-        mask = n_mask[:, None] & (w < w_hi)[None, :]
-        word_next = tl.load(bitmap_ptr + rows + w[None, :], mask=mask, other=0)
-        off_next = tl.load(offsets_ptr + rows + w[None, :], mask=mask, other=0)
-        word3 = word[:, :, None]  # [BN, BW, 1]: broadcast over the word's 32 inputs
-        kept = ((word3 >> t[None, None, :]) & 1) != 0  # padding bits past K are 0
-        rank = popcount32(word3 & below, HW_POPC)  # kept inputs before t in the word
-        vals = tl.load(row_vals + (off[:, :, None] + rank), mask=kept, other=0.0)  # [BN, BW, 32]
-        wt = tl.reshape(vals, (BLOCK_N, BLOCK_K))
-        k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)  # [BM, BK]
-        acc3 += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
-    acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+    pairs_ptr = offsets_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # int16 offsets, two per int32
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1) * stride_xm  # rows past M read row M - 1 (never stored)
+    one = (N >= 0).to(tl.int32)  # 1, opaque to the compiler (see _count_loop)
+    acc = _count_loop(x_rows, bitmap_ptr, pairs_ptr, values_ptr, row_start, rows, n_mask, wi, k_lo, k_hi, w_hi,
+                      K, one, EVEN_K, GUARD, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES)
+    store_split_k(tl.sum(acc, axis=2), y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
                   pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
@@ -221,12 +196,42 @@ def _dot_bitmap_kernel(
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+@triton.jit
+def _unpack_bitmap_kernel(bitmap_ptr, offsets_ptr, values_ptr, row_ptr, out_ptr, N, K,
+                          HW_POPC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Dense W [N, K] (zeros at the dropped inputs) for the prefill fallback (cuBLAS on the unpacked weight).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    BW: tl.constexpr = BLOCK_K // 32
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    row_start = tl.load(row_ptr + offs_n, mask=offs_n < N, other=0)  # [BN] int64
+    wt = _expand_bitmap(bitmap_ptr, offsets_ptr, values_ptr, row_start, offs_n, w, N, K, HW_POPC)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (k < K)[None, :]
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :], wt, mask=mask)
+
+
+def unpack_bitmap_triton(packed: PackedBitmap) -> torch.Tensor:
+    """Dense [N, K] weight of a bitmap pack (as ``formats.unpack_bitmap``, bit for bit), by one Triton launch
+    (no boolean indexing, so no device-to-host sync)."""
+    n, k = packed.shape
+    check_triton_device(packed.values)
+    if packed.nnz == 0:
+        return torch.zeros(n, k, dtype=packed.dtype, device=packed.device)
+    offsets = packed.word_offsets if packed.word_offsets is not None else bitmap_word_offsets(packed.bitmap)
+    out = torch.empty(n, k, dtype=packed.dtype, device=packed.device)
+    bn, bk = (16, 64) if interpreter_enabled() else (32, 256)
+    _unpack_bitmap_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        packed.bitmap, offsets, packed.values, packed.row_ptr, out, n, k, HW_POPC=not interpreter_enabled(),
+        BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
 # Autotuned entry points (one tuning per weight shape and row bucket); the raw kernels take explicit tiles.
 _gemv_bitmap_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
     _gemv_bitmap_kernel
 )
-_gemv_bitmap_popc_tuned = triton.autotune(configs=_popc_configs(), key=["N", "K", "BLOCK_M"],
-                                          do_bench=autotune_bench)(_gemv_bitmap_popc_kernel)
+_gemv_bitmap_rows_tuned = triton.autotune(configs=_rows_configs(), key=["N", "K", "BLOCK_M"],
+                                          do_bench=autotune_bench)(_gemv_bitmap_kernel)
 _dot_bitmap_tuned = triton.autotune(configs=_dot_configs(), key=["N", "K", "M_BUCKET"], do_bench=autotune_bench)(
     _dot_bitmap_kernel
 )
@@ -259,14 +264,17 @@ def linear_bitmap_triton(
         if packed.nnz >= 2**31 or n * packed.bitmap.shape[1] >= 2**31:
             raise ValueError("the bitmap gemv kernel uses 32-bit offsets: nnz and N * K / 32 must be < 2**31")
         ptrs, rest = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y), (m, n, k, x2.stride(0), y.stride(0))
-        if (config.block_m if config else m) == 1:  # one row: walk each word with a running count
-            shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES
-            launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
-                        HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0)
-        else:
-            shapes = [(16, 64)] if interpreter_enabled() else POPC_SHAPES
-            launch_gemv(_gemv_bitmap_popc_kernel, _gemv_bitmap_popc_tuned, shapes, ptrs, rest, m, n, k, x.device,
-                        config, HAS_BIAS=bias is not None, HW_POPC=not interpreter_enabled())
+        # every row count up to 8 a program: walk each word with a running pointer (M = 1 and M = 2..8 keep
+        # separate autotune candidates: a thread's accumulators grow with the rows of x)
+        one_row = (config.block_m if config else m) == 1
+        shapes = [(16, 64)] if interpreter_enabled() else GEMV_SHAPES if one_row else ROWS_SHAPES
+        flat = offsets.reshape(-1)
+        if flat.numel() % 2 or flat.data_ptr() % 4:  # read as int32 pairs: even length, 4-byte aligned
+            flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+        ptrs = (x2, packed.bitmap, flat, packed.values, packed.row_ptr, b, y)
+        launch_gemv(_gemv_bitmap_kernel, _gemv_bitmap_tuned if one_row else _gemv_bitmap_rows_tuned, shapes, ptrs,
+                    rest, m, n, k, x.device, config, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0,
+                    GUARD=not values_have_tail(packed.values))
         return y.reshape(*x.shape[:-1], n)
     args = (x2, packed.bitmap, offsets, packed.values, packed.row_ptr, b, y, m, n, k, x2.stride(0), y.stride(0))
     launch_tiled(_gemv_bitmap_kernel, _gemv_bitmap_tuned, _dot_bitmap_kernel, _dot_bitmap_tuned, args,

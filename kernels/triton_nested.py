@@ -2,20 +2,22 @@
 
 One launch serves any tier k; the tier is a runtime argument and only the prefix of each (row, tile)
 value run is read. A program owns BLOCK_N rows and all rows of x (up to 8; more rows tile the grid, each
-block re-reading the weight from L2), walks K one format tile at a time and accumulates fp32 partial
-products in a register tile reduced once after the loop (as ``triton_bitmap``). Two kernels, one per
-index (``PackedNested.index_for`` picks the one that reads fewer bytes):
+block re-reading the weight from L2), walks its split of K (split-K over the format tiles, grid axis 1,
+``_triton_util.store_split_k``) one format tile at a time and accumulates fp32 partial products in a
+register tile reduced once after the loop. Two kernels, one per index (``PackedNested.index_for`` picks the
+one that reads fewer bytes):
 
 * ``cols`` (sparse tiers): per tile, the prefix length ``level_ends[k, n, t]`` of each row, then
   BLOCK_J values and their uint8 columns per step while any row of the block has some left; x is gathered
-  at ``t * tile + col`` (x is small and stays in L1/L2). Work scales with the tier's kept weights.
+  at ``t * tile + col`` (x is small and stays in L1/L2; ``_triton_util.gather_load``). Work scales with the
+  tier's kept weights. Its loads are 1-2 byte loads at unaligned run starts, which Triton does not pipeline.
 * ``levels`` (dense tiers): per tile, the P level-code planes of each row ([BLOCK_N, tile / 32, P] words)
   are expanded to codes; a weight is kept iff code <= k. Its slot in the tile's level-major run is
   ``start[level] + (same-level weights before it)``. Both counts come from one scan: each kept weight
   contributes ``1 << (8 * level)`` to an int64, so an inclusive ``cumsum`` along the tile holds all
   per-level running counts in 8-bit fields (<= tile <= 128, no carries); the per-level totals times
   0x0101010101010101, shifted one field, are the exclusive per-level starts. The dense [BLOCK_N, tile]
-  tile then feeds fp32 FMAs, as in the bitmap kernel.
+  tile then feeds fp32 FMAs; the plane words and the x tile are cp.async copies (``tl.range(num_stages)``).
 
 GEMV only (decode): there is no tensor-core path, ``path="dot"`` is rejected. Reference:
 ``nested.linear_nested_reference``. This module imports triton: ``dispatch`` imports it lazily.
@@ -29,8 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelConfig, KernelPath, check_triton_device, flatten_rows, interpreter_enabled
-from ._triton_util import autotune_bench
+from ._launch import (
+    KernelConfig,
+    KernelPath,
+    check_triton_device,
+    flatten_rows,
+    interpreter_enabled,
+    split_k_buffers,
+)
+from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs
 
@@ -42,6 +51,7 @@ GEMV_BLOCK_M = 8
 # is the format tile). Small row blocks keep N / BLOCK_N >= 256 programs at N = 4096.
 COLS_SHAPES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 64, 4), (16, 16, 4)]
 LEVELS_SHAPES = [(2, 4), (4, 4), (8, 4), (16, 8)]  # (16, 4) spills at BLOCK_M = 8 (ptxas, sm_90)
+LEVELS_STAGES = 3  # the levels loop's tl.range(num_stages): cp.async of the plane words and the x tile
 
 
 def _cols_configs() -> list[triton.Config]:
@@ -52,30 +62,44 @@ def _cols_configs() -> list[triton.Config]:
 
 def _levels_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2) for bn, w in LEVELS_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "NUM_STAGES": LEVELS_STAGES}, num_warps=w, num_stages=LEVELS_STAGES)
+            for bn, w in LEVELS_SHAPES]
+
+
+@triton.jit
+def _split_tiles(n_tiles, pid_s, SPLIT_K):
+    """Format tiles [t_lo, t_hi) of split pid_s of SPLIT_K (split-K over the grid's second axis)."""
+    per = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_s * per
+    return t_lo, tl.minimum(n_tiles, t_lo + per)
 
 
 @triton.jit
 def _gemv_cols_kernel(
-    x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr,
+    x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, TIER,
-    HAS_BIAS: tl.constexpr, TILE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # ends_ptr is level_ends[TIER]: [N, tiles] prefix lengths of this tier (TIER only keys the autotuning).
+    # Split-K over the format tiles (grid axis 1, _triton_util.store_split_k); 32-bit value indices (the
+    # launcher checks the value count); x gathered without a mask (rows past M read row M - 1, masked
+    # entries column 0) by _triton_util.gather_load.
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
-    m_mask = (offs_m < M)[:, None, None]
     n_tiles = tl.cdiv(K, TILE)
-    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
-    tile_rows = offs_n.to(tl.int64) * n_tiles
-    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BM, 1, 1]
+    row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)  # [BN]
+    tile_rows = offs_n * n_tiles
+    x_rows = x_ptr + (tl.minimum(offs_m, M - 1) * stride_xm)[:, None, None]  # [BM, 1, 1]
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_J), dtype=tl.float32)
-    for t in range(n_tiles):
+    t_lo, t_hi = _split_tiles(n_tiles, pid_s, SPLIT_K)
+    for t in range(t_lo, t_hi):
         off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
         length = tl.load(ends_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32)  # [BN] prefix lengths
         start = (row_start + off)[:, None]  # [BN, 1]
@@ -84,13 +108,11 @@ def _gemv_cols_kernel(
             j_mask = j[None, :] < length[:, None]  # [BN, BJ]
             v = tl.load(values_ptr + start + j[None, :], mask=j_mask, other=0.0)
             col = tl.load(cols_ptr + start + j[None, :], mask=j_mask, other=0).to(tl.int32)
-            xv = tl.load(x_rows + (t * TILE + col)[None, :, :], mask=m_mask & j_mask[None, :, :], other=0.0)
+            xv = gather_load(x_rows + (t * TILE + col)[None, :, :], HW_LOAD, X_BITS)
             acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)  # [BM, BN, BJ]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m < M)[:, None] & n_mask[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -119,13 +141,17 @@ def _expand_levels(planes_ptr, values_ptr, tile_start, offs_n, t, tier, N, n_wor
 
 @triton.jit
 def _gemv_levels_kernel(
-    x_ptr, values_ptr, planes_ptr, row_ptr, tile_off_ptr, bias_ptr, y_ptr,
+    x_ptr, values_ptr, planes_ptr, row_ptr, tile_off_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, TIER,
     HAS_BIAS: tl.constexpr, TILE: tl.constexpr, NUM_PLANES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    # Split-K over the format tiles (grid axis 1); the plane words and the x tile are cp.async copies
+    # NUM_STAGES - 1 tiles ahead (tl.range(num_stages): Triton's pipeliner).
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    SPLIT_K = tl.num_programs(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -134,7 +160,8 @@ def _gemv_levels_kernel(
     row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
     tile_rows = offs_n.to(tl.int64) * n_tiles
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, TILE), dtype=tl.float32)
-    for t in range(n_tiles):
+    t_lo, t_hi = _split_tiles(n_tiles, pid_s, SPLIT_K)
+    for t in tl.range(t_lo, t_hi, num_stages=NUM_STAGES):
         off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
         wt = _expand_levels(planes_ptr, values_ptr, row_start + off, offs_n, t, TIER, N, n_words,
                             TILE, NUM_PLANES, BLOCK_N)
@@ -143,10 +170,8 @@ def _gemv_levels_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)  # [BM, TILE]
         acc3 += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m < M)[:, None] & n_mask[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_split_k(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_ym, pid_s,
+                  pid_m * tl.num_programs(0) + pid_n, SPLIT_K, HAS_BIAS)
 
 
 # Autotuned entry points, one tuning per weight shape, row bucket (and tier for cols: its work follows the
@@ -196,6 +221,9 @@ def linear_nested_triton(
     flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile, "BLOCK_M": block_m}
     shape = (m, n, k, x2.stride(0), y.stride(0), tier)
     if index == "cols":
+        if packed.values.numel() >= 2**31 or n * -(-k // packed.tile) >= 2**31:
+            raise ValueError("the nested cols kernel uses 32-bit offsets: values and N * tiles must be < 2**31")
+        flags.update(HW_LOAD=not interpreter_enabled(), X_BITS=8 * x.element_size())
         ends = packed.level_ends[tier]  # [N, tiles]: the only slice of level_ends this tier reads
         args = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
         kernel, tuned = _gemv_cols_kernel, _gemv_cols_tuned
@@ -204,11 +232,22 @@ def linear_nested_triton(
         args = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
         kernel, tuned, tile = _gemv_levels_kernel, _gemv_levels_tuned, {}
         flags["NUM_PLANES"] = packed.num_planes
+    tile_k = packed.tile  # split-K unit: one format tile
     if config is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))
-        tuned[grid](*args, *shape, **flags)
+        bns = [bn for bn, *_ in (COLS_SHAPES if index == "cols" else LEVELS_SHAPES)]
+        if interpreter_enabled():
+            bns = [16]
+        grids = [split_k_grid(n, m, k, block_m, bn, tile_k) for bn in bns]
+        ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), x.device)
+        grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], tile_k)
+        tuned[grid](*args, ws, locks, *shape, **flags)
     else:
-        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
-        kernel[grid](*args, *shape, **flags, **tile, BLOCK_N=config.block_n, num_warps=config.num_warps,
+        grid = split_k_grid(n, m, k, block_m, config.block_n, tile_k)
+        if config.split_k is not None:
+            grid = (grid[0], config.split_k, grid[2])
+        ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], x.device)
+        if index == "levels":
+            tile["NUM_STAGES"] = config.num_stages
+        kernel[grid](*args, ws, locks, *shape, **flags, **tile, BLOCK_N=config.block_n, num_warps=config.num_warps,
                      num_stages=config.num_stages)
     return y.reshape(*x.shape[:-1], n)

@@ -140,7 +140,7 @@ def test_dispatch_rejects_bad_input() -> None:
         sparse_linear(x.half(), packed)
     with pytest.raises(ValueError, match="bias must have shape"):
         sparse_linear(x, packed, torch.zeros(3))
-    with pytest.raises(ValueError, match="Packed24, PackedBitmap or PackedNested"):
+    with pytest.raises(ValueError, match="Packed24, PackedBitmap, PackedCols or PackedNested"):
         sparse_linear(x, torch.zeros(16, 32))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend"):
         sparse_linear(x, packed, backend="cuda")  # type: ignore[arg-type]

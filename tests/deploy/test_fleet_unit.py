@@ -4,6 +4,7 @@ engine, the merged /metrics, the options and the CLI's one-line error when ray i
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 
 import pytest
@@ -142,6 +143,16 @@ def test_the_kuberay_manifest_builds_fleet_options():
     opts = FleetOptions.from_dict(app["args"])
     assert opts.autoscale and opts.ladder == ((12.0, "50%"), (24.0, "70%"))
     assert opts.deployment_options()["autoscaling_config"]["max_replicas"] == 4
+    # every pod's proxy answers a dead replica's requests in the JSON error shape (proxy_errors.py)
+    from sparsedial.deploy.proxy_errors import CALLBACK, ENV_VAR, middlewares
+
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": ENV_VAR, "value": CALLBACK} in container["env"], container["name"]
+    module, _, name = CALLBACK.partition(":")
+    assert getattr(importlib.import_module(module), name) is middlewares
 
 
 # ------------------------------------------------------------------ the proxy's JSON errors (proxy_errors.py)

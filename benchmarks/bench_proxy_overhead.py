@@ -6,13 +6,13 @@ Three measurements:
   stream), called directly: the added CPU time per request, free of network and scheduling noise;
 - under uvicorn: the same JSON app served by uvicorn on loopback with and without it, alternating blocks of
   sequential httpx requests;
-- end to end: a local 1-replica Ray Serve fleet (the embedded model) started alternately without and with the
-  middleware (`--rounds` of each, in ABBA order), sequential requests: `GET /health`, `POST /generate` of 1 token, and
-  SSE `/generate` streams of 64 tokens; per setting the median latency over all its rounds. Each round ends
-  by killing the replica under a request, whose answer shows the setting took effect (JSON 503 with the
-  middleware, Serve's plain-text 500 without).
+- end to end: two local 1-replica Ray Serve fleets (the embedded model, two local clusters) up at once, one
+  without and one with the middleware; sequential requests alternate between them (`GET /health`,
+  `POST /generate` of 1 token, SSE `/generate` streams of 64 tokens), so both see the same machine load. At
+  the end the replica of each is killed under a request, whose answer shows the setting took effect (JSON 503
+  with the middleware, Serve's plain-text 500 without).
 
-    .venv/bin/python benchmarks/bench_proxy_overhead.py               # ~5 min on a 2-core machine
+    .venv/bin/python benchmarks/bench_proxy_overhead.py               # ~4 min on a 2-core machine
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import platform
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -127,8 +128,9 @@ def check_setting(h: httpx.Client) -> str:
     return f"{r.status_code} {r.headers.get('content-type')} {r.text[:60]!r}"
 
 
-def end_to_end(with_middleware: bool, n: int, streams: int) -> dict[str, list[float]]:
-    """One fresh local cluster + 1-replica fleet; sequential latencies (s) per request kind."""
+def serve_fleet(with_middleware: bool) -> int:
+    """Child process: a local cluster + 1-replica fleet with or without the middleware; prints its port, serves
+    until stdin closes."""
     import ray
     from ray import serve
 
@@ -142,40 +144,77 @@ def end_to_end(with_middleware: bool, n: int, streams: int) -> dict[str, list[fl
                         server=server_overrides({"model": MODEL, "device": "cpu", "max_running": 4,
                                                  "admin_token": TOKEN}))
     start_local_cluster(opts, port=port)
-    out: dict[str, list] = {"health": [], "generate1": [], "sse64": []}
     try:
         deploy(opts)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as h:
-            for _ in range(20):  # warm-up
-                h.post("/generate", json={"prompt": "x", "max_tokens": 1}).raise_for_status()
-            for _ in range(n):
-                t0 = time.perf_counter()
-                h.get("/health").raise_for_status()
-                out["health"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                h.post("/generate", json={"prompt": "x", "max_tokens": 1}).raise_for_status()
-                out["generate1"].append(time.perf_counter() - t0)
-            body = {"prompt": "x", "max_tokens": 64, "ignore_eos": True, "stream": True}
-            for _ in range(streams):
-                t0 = time.perf_counter()
-                with h.stream("POST", "/generate", json=body) as s:
-                    lines = [x for x in s.iter_lines() if x]
-                assert lines[-1] == "data: [DONE]", lines[-3:]
-                out["sse64"].append(time.perf_counter() - t0)
-            out["check"] = [check_setting(h)]
+        print(f"PORT {port}", flush=True)
+        sys.stdin.read()
     finally:
         serve.shutdown()
         ray.shutdown()
-    return out
+    return 0
+
+
+def paired(n: int, streams: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+    """Both fleets up at once (two local clusters); each request goes to one then the other (the order
+    alternating), so both see the same machine load. Latencies (s) per setting and request kind."""
+    procs, urls = {}, {}
+    try:
+        for name in ("off", "on"):
+            procs[name] = subprocess.Popen([sys.executable, __file__, "--serve", name], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+            for line in procs[name].stdout:
+                if line.startswith("PORT "):
+                    urls[name] = f"http://127.0.0.1:{line.split()[1]}"
+                    break
+            else:
+                raise RuntimeError(f"the {name} fleet did not start")
+            # keep reading its output (Ray's logs) so that the child never blocks on a full pipe
+            threading.Thread(target=procs[name].stdout.read, daemon=True).start()
+        clients = {k: httpx.Client(base_url=u, timeout=60) for k, u in urls.items()}
+        out: dict[str, dict[str, list[float]]] = {k: {"health": [], "generate1": [], "sse64": []} for k in urls}
+
+        def timed(name: str, kind: str, fn) -> None:
+            t0 = time.perf_counter()
+            fn(clients[name])
+            out[name][kind].append(time.perf_counter() - t0)
+
+        def sse(h: httpx.Client) -> None:
+            body = {"prompt": "x", "max_tokens": 64, "ignore_eos": True, "stream": True}
+            with h.stream("POST", "/generate", json=body) as s:
+                lines = [x for x in s.iter_lines() if x]
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+
+        for h in clients.values():  # warm-up
+            for _ in range(20):
+                h.post("/generate", json={"prompt": "x", "max_tokens": 1}).raise_for_status()
+        for i in range(n):
+            for name in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                timed(name, "health", lambda h: h.get("/health").raise_for_status())
+                timed(name, "generate1",
+                      lambda h: h.post("/generate", json={"prompt": "x", "max_tokens": 1}).raise_for_status())
+        for i in range(streams):
+            for name in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                timed(name, "sse64", sse)
+        checks = {name: check_setting(h) for name, h in clients.items()}
+        for h in clients.values():
+            h.close()
+        return out, checks
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+        for p in procs.values():
+            p.wait(timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2, help="clusters started per setting (ABBA order)")
-    ap.add_argument("--requests", type=int, default=200, help="health + generate(1 token) pairs per round")
-    ap.add_argument("--streams", type=int, default=30, help="64-token SSE streams per round")
+    ap.add_argument("--requests", type=int, default=1000, help="health + generate(1 token) pairs per fleet")
+    ap.add_argument("--streams", type=int, default=60, help="64-token SSE streams per fleet")
     ap.add_argument("--in-process", type=int, default=20000, help="direct ASGI calls per timing")
+    ap.add_argument("--serve", choices=("on", "off"), help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
+    if args.serve:
+        return serve_fleet(args.serve == "on")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     extra = in_process(args.in_process)
     print(f"in process, added CPU time per request: JSON response {extra['json']:.1f} us, "
@@ -184,23 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     off, on = statistics.median(uv["off"]) * 1e6, statistics.median(uv["on"]) * 1e6
     print(f"uvicorn + httpx on loopback, trivial JSON app, {len(uv['on'])} requests each (alternating blocks): "
           f"p50 {off:.0f} us without, {on:.0f} us with the middleware ({on - off:+.0f} us)", flush=True)
-    runs: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
-    for r in range(args.rounds):
-        for mw in (False, True) if r % 2 == 0 else (True, False):  # ABBA: no order bias
-            got = end_to_end(mw, args.requests, args.streams)
-            check = got.pop("check")[0]
-            for k, v in got.items():
-                runs[mw].setdefault(k, []).extend(v)
-            print(f"round {r + 1}, middleware {'on' if mw else 'off'}: "
-                  + ", ".join(f"{k} p50 {statistics.median(v) * 1e3:.2f} ms" for k, v in got.items())
-                  + f"; killed replica's request: {check}", flush=True)
+    out, checks = paired(args.requests, args.streams)
+    print(f"the killed replica's request: without {checks['off']}; with {checks['on']}")
     load = os.getloadavg()[0]
-    print(f"\nend to end (1 replica, sequential; {args.rounds} clusters per setting; {platform.machine()}, "
+    print(f"\nend to end (two 1-replica fleets up at once, requests alternating between them; {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load:.1f} at the end, Python {sys.version.split()[0]})")
-    print("| request | n | p50 off (ms) | p50 on (ms) | difference (ms) |\n|---|---:|---:|---:|---:|")
-    for k in runs[False]:
-        off, on = statistics.median(runs[False][k]) * 1e3, statistics.median(runs[True][k]) * 1e3
-        print(f"| {k} | {len(runs[True][k])} | {off:.2f} | {on:.2f} | {on - off:+.2f} |")
+    print("| request | n each | p50 off (ms) | p50 on (ms) | difference (ms) | mean off (ms) | mean on (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in out["off"]:
+        a, b = out["off"][k], out["on"][k]
+        off, on = statistics.median(a) * 1e3, statistics.median(b) * 1e3
+        print(f"| {k} | {len(b)} | {off:.2f} | {on:.2f} | {on - off:+.2f} | {statistics.mean(a) * 1e3:.2f} "
+              f"| {statistics.mean(b) * 1e3:.2f} |")
     return 0
 
 

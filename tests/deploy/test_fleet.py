@@ -172,6 +172,7 @@ def test_killed_replica_fails_only_its_in_flight_requests_with_a_json_error_and_
     victim = max(view["replica_reports"], key=lambda x: x["running"] + x["waiting"])
     (survivor,) = [x for x in view["replica_reports"] if x is not victim]
     on_victim = victim["running"] + victim["waiting"]
+    time.sleep(0.5)  # the running requests have sent tokens: their streams have started (HTTP 200)
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
     short: list = []  # new requests meanwhile: the survivor serves them (Serve routes away from the dead one)
@@ -198,9 +199,12 @@ def test_killed_replica_fails_only_its_in_flight_requests_with_a_json_error_and_
     # exactly the requests in flight on the victim failed, every other one was served by the survivor
     assert len(failed) == on_victim and len(ok) == len(LONG_KINDS) - on_victim, summary
     assert {r["headers"].get("x-sparsedial-replica") for r in ok} <= {survivor["replica"]}, summary
+    # a stream starts (200) at its first token: one still queued in the engine fails like a plain request
+    if victim["waiting"] == 0:
+        assert all(r["status"] == 200 for r in failed if r["kind"].endswith("-sse")), summary
     for r in failed:  # each with sparsedial's JSON error
-        if r["kind"].endswith("-sse"):  # the stream had started: a last error event, then [DONE]
-            assert r["status"] == 200 and r["headers"]["x-sparsedial-replica"] == victim["replica"], summary
+        if r["kind"].endswith("-sse") and r["status"] == 200:  # started: a last error event, then [DONE]
+            assert r["headers"]["x-sparsedial-replica"] == victim["replica"], summary
             assert r["lines"][-1] == "data: [DONE]" and r["lines"][-2].startswith("data: {"), summary
             assert _replica_gone(json.loads(r["lines"][-2][6:])["error"]), summary
         else:
@@ -209,8 +213,9 @@ def test_killed_replica_fails_only_its_in_flight_requests_with_a_json_error_and_
             assert set(json.loads(r["body"])) == {"error"}, summary
             assert _replica_gone(json.loads(r["body"])["error"]), summary
     assert short and all(r[3] == 200 for r in short), [r for r in short if r[3] != 200]
-    print(f"\nkill: {on_victim} in flight on the victim, {len(failed)} JSON errors "
-          f"({', '.join(sorted(r['kind'] for r in failed))}), {len(ok)} long ok on the survivor, "
+    forms = ", ".join(sorted(f"{r['kind']} {r['status']}" for r in failed))
+    print(f"\nkill: {on_victim} in flight on the victim, {len(failed)} JSON errors ({forms}), "
+          f"{len(ok)} long ok on the survivor, "
           f"{len(short)} new requests ok after the kill")
     # Serve replaces the dead replica; the new one reports to the controller and serves
     v = clean.wait(lambda v: len(v["replica_reports"]) == 2 and victim["replica"] not in
@@ -223,3 +228,37 @@ def test_killed_replica_fails_only_its_in_flight_requests_with_a_json_error_and_
                                range(8)))
     assert all(r.status_code == 200 for r in served)
     assert {r.headers["x-sparsedial-replica"] for r in served} <= {x["replica"] for x in v["replica_reports"]}
+
+
+def test_openai_client_retries_a_request_whose_replica_died(clean):
+    """The official client with its default retries: a completion in flight on a replica that dies is answered
+    503 (JSON, retry after 1 s), the client sends it again, a live replica serves it; the caller sees no error."""
+    openai = pytest.importorskip("openai")
+    answers: list = []  # every HTTP response the client got, retries included
+
+    def hook(r) -> None:
+        answers.append((r.status_code, r.headers.get("retry-after"), r.headers.get("content-type")))
+
+    c = openai.OpenAI(base_url=clean.url + "/v1", api_key="unused",  # max_retries=2, openai-python's default
+                      http_client=openai.DefaultHttpxClient(event_hooks={"response": [hook]}))
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            raw = c.completions.with_raw_response.create(model=clean.model, prompt="def main():",
+                                                         max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True})
+            out["replica"], out["completion"] = raw.headers.get("x-sparsedial-replica"), raw.parse()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            out["exc"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    view = clean.wait(lambda v: sorted(x["running"] + x["waiting"] for x in v["replica_reports"]) == [0, 1], 20,
+                      "the one request running on a replica")
+    (victim,) = [x for x in view["replica_reports"] if x["running"] + x["waiting"] == 1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t.join(120)
+    assert "exc" not in out, out
+    assert out["completion"].usage.completion_tokens == LONG_TOKENS
+    assert out["replica"] and out["replica"] != victim["replica"]  # answered by another replica, after the retry
+    assert answers == [(503, "1", "application/json"), (200, None, "application/json")], answers

@@ -267,3 +267,26 @@ def test_proxy_middleware_under_uvicorn():
         lines = [x for x in r.iter_lines() if x]
     assert lines[0] == 'data: {"type": "token"}' and lines[-1] == "data: [DONE]"
     assert _error(lines[-2][6:].encode())["code"] == "replica_unavailable"
+
+
+def test_the_openai_client_reads_the_proxy_errors():
+    """openai-python (its own parser, no retries) on the middleware's answers: a 503 with the error's code, and
+    a stream whose replica died raises with the error's message."""
+    openai = pytest.importorskip("openai")
+    from sparsedial.server.live import LiveServer
+
+    from sparsedial.deploy.proxy_errors import REPLICA_GONE, ReplicaErrorMiddleware
+
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_before_answering))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="m", prompt="x", max_tokens=4)
+    assert e.value.status_code == 503 and e.value.code == "replica_unavailable"
+    assert e.value.message == f"Error code: 503 - {REPLICA_GONE}"  # openai-python prefixes the status
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_mid_stream))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        chunks = []
+        with pytest.raises(openai.APIError) as e:
+            for chunk in c.completions.create(model="m", prompt="x", max_tokens=4, stream=True):
+                chunks.append(chunk)  # noqa: PERF402 - the chunks before the error
+    assert len(chunks) == 1 and e.value.message == REPLICA_GONE and e.value.code == "replica_unavailable"

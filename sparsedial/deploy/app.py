@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .options import FleetOptions, require_ray
+from .proxy_errors import CALLBACK as PROXY_CALLBACK
+from .proxy_errors import ENV_VAR as PROXY_ENV_VAR
 
 APP_NAME = "sparsedial"
 
@@ -68,6 +70,9 @@ def start_local_cluster(options: FleetOptions, host: str = "127.0.0.1", port: in
     # Serve's router probes replica queue lengths with a 0.1 s deadline: on a busy small machine that only logs
     # warnings (the fleet controller answers in ~1 ms, but its event loop shares the cores)
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    # Serve's proxies answer a request whose replica died in sparsedial's JSON error shape (proxy_errors.py);
+    # read by each proxy actor at start, which inherits this process's environment (a local cluster)
+    os.environ.setdefault(PROXY_ENV_VAR, PROXY_CALLBACK)
     most = options.max_replicas if options.autoscale else options.replicas
     cpus = max(os.cpu_count() or 1, math.ceil(most * options.replica_cpus))
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus,

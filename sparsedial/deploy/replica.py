@@ -198,9 +198,33 @@ def merge_metrics(texts: dict[str, str], fleet: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the app
+REPLICA_HEADER = "x-sparsedial-replica"
+
+
+class ReplicaHeader:
+    """Pure ASGI middleware: every HTTP response says which replica answered (`x-sparsedial-replica: <id>`)."""
+
+    def __init__(self, app: Any, replica_id: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica_id.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_replica(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_replica)
+
+
 def build_replica_app(settings: Any, fleet: FleetEngine, controller: Controller):
-    """create_app(settings, engine=fleet) with the fleet's admin and metrics routes in front of its own."""
+    """create_app(settings, engine=fleet) with the fleet's admin and metrics routes in front of its own, and the
+    replica's id in a header of every response."""
     app = create_app(settings, engine=fleet)
+    app.add_middleware(ReplicaHeader, replica_id=fleet.replica_id)
     router = APIRouter()
     errors = {c: {"model": ErrorResponse} for c in (400, 401, 403, 503)}
 

@@ -1,5 +1,6 @@
 """The 2-replica Ray Serve fleet end to end: the official openai client, admin tier changes on every replica,
-cancellation on client disconnect, the fleet `auto` policy under load, and a replica killed under load."""
+cancellation on client disconnect, the fleet `auto` policy under load, and a replica killed under load (its
+in-flight requests get sparsedial's JSON error, the others are served)."""
 
 from __future__ import annotations
 
@@ -111,38 +112,111 @@ def test_auto_moves_sparser_under_load_and_back(clean):
     assert r["tier"] == "dense"
 
 
-def test_killed_replica_loses_only_its_in_flight_requests_and_restarts(clean):
-    before = clean.view()["replica_reports"]
-    victim = before[0]
-    results: list = []
-    stop = threading.Event()
+LONG_KINDS = ("generate", "generate-sse", "completions", "completions-sse", "chat", "chat-sse")
+LONG_TOKENS = 320  # ~4 s here with 3 requests a replica: all of them are still running at the kill
 
-    def client(i: int) -> None:  # a steady stream of short requests, before, during and after the kill
-        n = 0
-        while not stop.is_set():
-            _generate(clean.url, 48, results, (i, n))
-            n += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+def _long_request(url: str, model: str, kind: str, out: list) -> None:
+    """One long request of `kind` (route, streamed or not); out gets a dict of what came back."""
+    stream = kind.endswith("-sse")
+    route = kind.removesuffix("-sse")
+    body: dict = {"max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": stream}
+    if route == "chat":
+        path, body["model"], body["messages"] = "/v1/chat/completions", model, [{"role": "user", "content": "hi"}]
+    elif route == "completions":
+        path, body["model"], body["prompt"] = "/v1/completions", model, "def main():"
+    else:
+        path, body["prompt"] = "/generate", "def main():"
+    rec = {"kind": kind, "t0": time.monotonic(), "status": None, "headers": {}, "body": b"", "lines": []}
+    try:
+        with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+            rec["status"], rec["headers"] = r.status_code, dict(r.headers)
+            if stream and r.status_code == 200:
+                rec["lines"] = [x for x in r.iter_lines() if x]
+            else:
+                rec["body"] = r.read()
+    except httpx.HTTPError as exc:  # e.g. a stream cut without an end: a failure the test reports
+        rec["exc"] = f"{type(exc).__name__}: {exc}"
+    rec["t1"] = time.monotonic()
+    out.append(rec)
+
+
+def _completed(rec: dict) -> bool:
+    """A full answer: 200 and the finish of the request (a finish event, then [DONE], when streamed)."""
+    if rec["status"] != 200 or "exc" in rec:
+        return False
+    if not rec["kind"].endswith("-sse"):
+        doc = json.loads(rec["body"])
+        return doc.get("finish_reason") == "length" or doc.get("choices", [{}])[0].get("finish_reason") == "length"
+    lines = rec["lines"]
+    if len(lines) < 3 or lines[-1] != "data: [DONE]":
+        return False
+    last = json.loads(lines[-2][6:])
+    return last.get("type") == "finish" or bool(last.get("choices")) and last["choices"][0].get("finish_reason")
+
+
+def _replica_gone(error: dict) -> bool:
+    """sparsedial's JSON error for a request whose replica died (OpenAI's shape; sparsedial/deploy/proxy_errors.py)."""
+    return (set(error) == {"message", "type", "param", "code"} and error["code"] == "replica_unavailable"
+            and error["type"] == "service_unavailable" and "replica" in error["message"]
+            and "retry" in error["message"])
+
+
+def test_killed_replica_fails_only_its_in_flight_requests_with_a_json_error_and_restarts(clean):
+    long: list = []
+    threads = [threading.Thread(target=_long_request, args=(clean.url, clean.model, k, long)) for k in LONG_KINDS]
     for t in threads:
         t.start()
-    time.sleep(3)
-    in_flight = {x["replica"]: x["running"] + x["waiting"] for x in clean.view()["replica_reports"]}
+    view = clean.wait(lambda v: sum(x["running"] + x["waiting"] for x in v["replica_reports"]) == len(LONG_KINDS),
+                      30, "every long request on a replica")
+    victim = max(view["replica_reports"], key=lambda x: x["running"] + x["waiting"])
+    (survivor,) = [x for x in view["replica_reports"] if x is not victim]
+    on_victim = victim["running"] + victim["waiting"]
+    time.sleep(0.5)  # the running requests have sent tokens: their streams have started (HTTP 200)
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
+    short: list = []  # new requests meanwhile: the survivor serves them (Serve routes away from the dead one)
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            _generate(clean.url, 32, short, (i, n))
+            n += 1
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in clients:
+        t.start()
     time.sleep(6)
     stop.set()
-    for t in threads:
+    for t in threads + clients:
         t.join()
-    failed = [r for r in results if r[3] != 200]
-    ok = [r for r in results if r[3] == 200]
-    # only requests in flight at the kill failed, each with an HTTP error and a message
-    assert all(r[1] <= killed_at <= r[2] for r in failed), failed
-    assert len(failed) <= max(in_flight.get(victim["replica"], 0), 6), (failed, in_flight)
-    assert all(r[3] is not None and r[3] >= 500 and r[4] for r in failed), failed
-    assert sum(r[1] > killed_at for r in ok) >= 6  # the survivor kept serving new requests meanwhile
-    print(f"\nkill: {len(ok)} ok, {len(failed)} failed (in flight on the victim: "
-          f"{in_flight.get(victim['replica'])}): {sorted({(r[3], str(r[4])[:120]) for r in failed})}")
+    assert on_victim >= 1 and all(r["t1"] > killed_at for r in long), (view, long)  # all in flight at the kill
+    ok = [r for r in long if _completed(r)]
+    failed = [r for r in long if not _completed(r)]
+    summary = sorted((r["kind"], r["status"], r["headers"].get("x-sparsedial-replica"), r.get("exc"),
+                      (r["lines"][-2:] if r["lines"] else r["body"][:200])) for r in failed)
+    # exactly the requests in flight on the victim failed, every other one was served by the survivor
+    assert len(failed) == on_victim and len(ok) == len(LONG_KINDS) - on_victim, summary
+    assert {r["headers"].get("x-sparsedial-replica") for r in ok} <= {survivor["replica"]}, summary
+    # a stream starts (200) at its first token: one still queued in the engine fails like a plain request
+    if victim["waiting"] == 0:
+        assert all(r["status"] == 200 for r in failed if r["kind"].endswith("-sse")), summary
+    for r in failed:  # each with sparsedial's JSON error
+        if r["kind"].endswith("-sse") and r["status"] == 200:  # started: a last error event, then [DONE]
+            assert r["headers"]["x-sparsedial-replica"] == victim["replica"], summary
+            assert r["lines"][-1] == "data: [DONE]" and r["lines"][-2].startswith("data: {"), summary
+            assert _replica_gone(json.loads(r["lines"][-2][6:])["error"]), summary
+        else:
+            assert r["status"] == 503 and r["headers"]["content-type"] == "application/json", summary
+            assert r["headers"]["retry-after"] == "1", summary
+            assert set(json.loads(r["body"])) == {"error"}, summary
+            assert _replica_gone(json.loads(r["body"])["error"]), summary
+    assert short and all(r[3] == 200 for r in short), [r for r in short if r[3] != 200]
+    forms = ", ".join(sorted(f"{r['kind']} {r['status']}" for r in failed))
+    print(f"\nkill: {on_victim} in flight on the victim, {len(failed)} JSON errors ({forms}), "
+          f"{len(ok)} long ok on the survivor, "
+          f"{len(short)} new requests ok after the kill")
     # Serve replaces the dead replica; the new one reports to the controller and serves
     v = clean.wait(lambda v: len(v["replica_reports"]) == 2 and victim["replica"] not in
                    {x["replica"] for x in v["replica_reports"]}
@@ -150,5 +224,41 @@ def test_killed_replica_loses_only_its_in_flight_requests_and_restarts(clean):
                    120, "a restarted replica on the fleet's policy", every=0.5)
     assert len({x["pid"] for x in v["replica_reports"]} - {victim["pid"]}) == 2
     with ThreadPoolExecutor(4) as pool:  # and the fleet serves again on both
-        assert all(c == 200 for c in pool.map(lambda _: clean.http.post(
-            "/generate", json={"prompt": "x", "max_tokens": 4}).status_code, range(8)))
+        served = list(pool.map(lambda _: clean.http.post("/generate", json={"prompt": "x", "max_tokens": 4}),
+                               range(8)))
+    assert all(r.status_code == 200 for r in served)
+    assert {r.headers["x-sparsedial-replica"] for r in served} <= {x["replica"] for x in v["replica_reports"]}
+
+
+def test_openai_client_retries_a_request_whose_replica_died(clean):
+    """The official client with its default retries: a completion in flight on a replica that dies is answered
+    503 (JSON, retry after 1 s), the client sends it again, a live replica serves it; the caller sees no error."""
+    openai = pytest.importorskip("openai")
+    answers: list = []  # every HTTP response the client got, retries included
+
+    def hook(r) -> None:
+        answers.append((r.status_code, r.headers.get("retry-after"), r.headers.get("content-type")))
+
+    c = openai.OpenAI(base_url=clean.url + "/v1", api_key="unused",  # max_retries=2, openai-python's default
+                      http_client=openai.DefaultHttpxClient(event_hooks={"response": [hook]}))
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            raw = c.completions.with_raw_response.create(model=clean.model, prompt="def main():",
+                                                         max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True})
+            out["replica"], out["completion"] = raw.headers.get("x-sparsedial-replica"), raw.parse()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            out["exc"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    view = clean.wait(lambda v: sorted(x["running"] + x["waiting"] for x in v["replica_reports"]) == [0, 1], 20,
+                      "the one request running on a replica")
+    (victim,) = [x for x in view["replica_reports"] if x["running"] + x["waiting"] == 1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t.join(120)
+    assert "exc" not in out, out
+    assert out["completion"].usage.completion_tokens == LONG_TOKENS
+    assert out["replica"] and out["replica"] != victim["replica"]  # answered by another replica, after the retry
+    assert answers == [(503, "1", "application/json"), (200, None, "application/json")], answers

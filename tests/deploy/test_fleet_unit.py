@@ -4,6 +4,7 @@ engine, the merged /metrics, the options and the CLI's one-line error when ray i
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 
 import pytest
@@ -142,3 +143,150 @@ def test_the_kuberay_manifest_builds_fleet_options():
     opts = FleetOptions.from_dict(app["args"])
     assert opts.autoscale and opts.ladder == ((12.0, "50%"), (24.0, "70%"))
     assert opts.deployment_options()["autoscaling_config"]["max_replicas"] == 4
+    # every pod's proxy answers a dead replica's requests in the JSON error shape (proxy_errors.py)
+    from sparsedial.deploy.proxy_errors import CALLBACK, ENV_VAR, middlewares
+
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": ENV_VAR, "value": CALLBACK} in container["env"], container["name"]
+    module, _, name = CALLBACK.partition(":")
+    assert getattr(importlib.import_module(module), name) is middlewares
+
+
+# ------------------------------------------------------------------ the proxy's JSON errors (proxy_errors.py)
+# Stand-ins for Serve's proxy app on the failure paths read in ray/serve/_private/proxy.py: a replica that
+# died before answering ends the request without any ASGI message; mid-stream, without the final body; Serve's
+# own errors are plain-text responses.
+def _lifespan(app):  # LiveServer runs uvicorn with lifespan "on"
+    async def with_lifespan(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return with_lifespan
+
+
+async def _dies_before_answering(scope, receive, send):
+    pass
+
+
+async def _dies_mid_stream(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": b'data: {"type": "token"}\n\n', "more_body": True})
+
+
+async def _serve_plain_503(scope, receive, send):
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [[b"content-type", b"text/plain; charset=utf-8"], [b"retry-after", b"2"]]})
+    await send({"type": "http.response.body", "body": b"Deployment 'EngineReplica' is unavailable."})
+
+
+async def _answers(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"ok": true}', "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _call(app, path: str = "/generate") -> list[dict]:
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send))
+    return sent
+
+
+def _error(body: bytes) -> dict:
+    import json
+
+    from sparsedial.server.protocol import ErrorResponse
+
+    doc = json.loads(body)
+    ErrorResponse.model_validate(doc)  # the server's error schema (OpenAI's shape)
+    assert set(doc) == {"error"} and set(doc["error"]) == {"message", "type", "param", "code"}
+    return doc["error"]
+
+
+def test_proxy_middleware_answers_a_dead_replica_in_the_json_error_shape():
+    from sparsedial.deploy.proxy_errors import ReplicaErrorMiddleware, middlewares, replica_gone_error
+
+    start, body = _call(ReplicaErrorMiddleware(_dies_before_answering))
+    assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+    assert (b"content-type", b"application/json") in start["headers"]
+    err = _error(body["body"])
+    assert err == replica_gone_error().body()["error"]
+    assert err["code"] == "replica_unavailable" and err["type"] == "service_unavailable"
+    assert "replica" in err["message"] and "retry" in err["message"]
+
+    # mid-stream: what the replica sent, then an error event and [DONE], and the response ends
+    *head, last = _call(ReplicaErrorMiddleware(_dies_mid_stream))
+    assert [m["type"] for m in head] == ["http.response.start", "http.response.body"]
+    assert last["type"] == "http.response.body" and not last.get("more_body", False)
+    error_event, done = last["body"].split(b"\n\n")[:2]
+    assert error_event.startswith(b"data: ") and done == b"data: [DONE]"
+    assert _error(error_event[6:])["code"] == "replica_unavailable"
+
+    # Serve's own plain-text errors: same status and headers, the text in the JSON body
+    start, body = _call(ReplicaErrorMiddleware(_serve_plain_503))
+    assert start["status"] == 503 and (b"retry-after", b"2") in start["headers"]
+    err = _error(body["body"])
+    assert err["code"] == "not_ready" and "EngineReplica' is unavailable" in err["message"]
+
+    # the replicas' own responses and Serve's health routes go through untouched
+    assert _call(ReplicaErrorMiddleware(_answers)) == _call(_answers)
+    assert _call(ReplicaErrorMiddleware(_dies_before_answering), "/-/healthz") == []
+    (mw,) = middlewares()
+    assert mw.cls is ReplicaErrorMiddleware
+
+
+def test_proxy_middleware_under_uvicorn():
+    """What clients saw before (uvicorn's plain-text 500, a stream cut without an end) and see now."""
+    import httpx
+    from sparsedial.server.live import LiveServer
+
+    from sparsedial.deploy.proxy_errors import ReplicaErrorMiddleware
+
+    with LiveServer(_lifespan(_dies_before_answering)) as s:
+        r = httpx.post(s.url + "/v1/completions", json={})
+        assert (r.status_code, r.text) == (500, "Internal Server Error")
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_before_answering))) as s:
+        r = httpx.post(s.url + "/v1/completions", json={})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert _error(r.content)["code"] == "replica_unavailable"
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_mid_stream))) as s, \
+            httpx.stream("POST", s.url + "/generate", json={}) as r:
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[0] == 'data: {"type": "token"}' and lines[-1] == "data: [DONE]"
+    assert _error(lines[-2][6:].encode())["code"] == "replica_unavailable"
+
+
+def test_the_openai_client_reads_the_proxy_errors():
+    """openai-python (its own parser, no retries) on the middleware's answers: a 503 with the error's code, and
+    a stream whose replica died raises with the error's message."""
+    openai = pytest.importorskip("openai")
+    from sparsedial.server.live import LiveServer
+
+    from sparsedial.deploy.proxy_errors import REPLICA_GONE, ReplicaErrorMiddleware
+
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_before_answering))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="m", prompt="x", max_tokens=4)
+    assert e.value.status_code == 503 and e.value.code == "replica_unavailable"
+    assert e.value.message == f"Error code: 503 - {REPLICA_GONE}"  # openai-python prefixes the status
+    with LiveServer(ReplicaErrorMiddleware(_lifespan(_dies_mid_stream))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        chunks = []
+        with pytest.raises(openai.APIError) as e:
+            for chunk in c.completions.create(model="m", prompt="x", max_tokens=4, stream=True):
+                chunks.append(chunk)  # noqa: PERF402 - the chunks before the error
+    assert len(chunks) == 1 and e.value.message == REPLICA_GONE and e.value.code == "replica_unavailable"

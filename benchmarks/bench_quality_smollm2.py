@@ -209,7 +209,7 @@ def hf_check(args) -> None:
 
 # ------------------------------------------------------------------------------------------- reporting
 LABELS = {"nested-wanda": "nested Wanda (no LoRA)", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-          "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)"}
+          "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-ep8": "EPTS (8 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)"}
 
 
 def collect(args) -> dict:
@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epts-extra", default="", help="more EPTSConfig fields as JSON")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tier", default="70%", help="hf-check: the tier to export")
-    ap.add_argument("--epts-name", default="epts-ep2", help="hf-check: the EPTS run to export from")
-    ap.add_argument("--epts-names", default="epts-ep2,epts,epts-msfm70,nested-wanda",
+    ap.add_argument("--epts-name", default="epts-ep8", help="hf-check: the EPTS run to export from")
+    ap.add_argument("--epts-names", default="epts-ep8,epts-ep2,epts,epts-msfm70,nested-wanda",
                     help="report: EPTS runs (and nested-wanda) to show; the first is compared with SparseGPT")
     args = ap.parse_args(argv)
     try:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine
 from sparsedial.kernels import _cpu_ext
 from sparsedial.kernels.cpu_dispatch import cpu_linear
-from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
+from sparsedial.kernels.cpu_formats import pack_bitmask, pack_cols_bf16, pack_dense_bf16
 
 SHAPES = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)]
 
@@ -51,7 +51,7 @@ def main() -> None:
         masks = [torch.rand(w.shape, generator=g) >= s for w in weights]
         formats[f"bitmask {s:.0%}"] = [pack_bitmask(w, m) for w, m in zip(weights, masks, strict=True)]
         if s >= 0.7:
-            formats[f"tiled {s:.0%}"] = [pack_tiled(w, m) for w, m in zip(weights, masks, strict=True)]
+            formats[f"tiled {s:.0%}"] = [pack_cols_bf16(w, m) for w, m in zip(weights, masks, strict=True)]
     formats["bitmask 2:4"] = [pack_bitmask(w, mask24(*w.shape, g)) for w in weights]
 
     def nbytes(p) -> int:

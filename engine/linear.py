@@ -15,7 +15,7 @@ Backends of a materialized tier (`TierWeights`):
 - `torch` on a CPU in fp32 with the CPU kernels on (`EngineConfig.cpu_kernels`, True by default; the
   `cpu_kernels` argument of `ElasticModel.load`, False there, keeps the fp32 path above): each tier is stored
   only in the packed bf16 format its C++ kernel reads (kernels/cpu_*.py; section "CPU packed tiers" below):
-  2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, high sparsities also (or only) as `PackedTiled`
+  2:4 and tiers >= BITMASK_MIN_SPARSITY as `PackedBitmask`, high sparsities also (or only) as `PackedCols`
   for more rows (`sparse_formats`, per ISA path), lower sparsities as a masked bf16 `PackedDense`; the dense tier adds a bf16 copy used up to `dense_bf16_max_rows()` rows (fp32
   MKL above, where it wins). No fp32 copy per sparse tier: a tier's bytes are its packed bytes.
 """
@@ -48,7 +48,7 @@ class TierWeights:
     packed: object | None = None  # kernels.Packed24 | kernels.PackedBitmap
     csr: torch.Tensor | None = None  # CSR copy of `weight` (CPU, >= 80% sparse), used for >= csr_min_rows rows
     csr_min_rows: int = 0
-    cpu: object | None = None  # kernels.PackedDense | PackedBitmask | PackedTiled: the CPU kernel's weight
+    cpu: object | None = None  # kernels.PackedDense | PackedBitmask | PackedCols: the CPU kernel's weight
     cpu_max_rows: int | None = None  # use `cpu` up to this many rows (None: always), `cpu_wide`/`weight` above
     cpu_wide: object | None = None  # the CPU format above cpu_max_rows rows (a sparse tier's second format)
     lora_a: torch.Tensor | None = None  # [r, in]   unmasked LoRA mode only
@@ -209,16 +209,16 @@ def _cpu_pack(w: torch.Tensor, mask: torch.Tensor | None, tier: TierSpec) -> Tie
     """A tier's weights on the CPU kernel path from its merged weight `w` [out, in], keeping the positions
     `mask` keeps (None: every one); `w` itself need not be masked."""
     from sparsedial.kernels import _cpu_ext
-    from sparsedial.kernels.cpu_formats import pack_bitmask, pack_dense_bf16, pack_tiled
+    from sparsedial.kernels.cpu_formats import pack_bitmask, pack_cols_bf16, pack_dense_bf16
 
     w = w.contiguous()
     tiled, bitmask_rows = sparse_formats(tier.sparsity, _cpu_ext.isa())
     if mask is None:
         tw = TierWeights(cpu=pack_dense_bf16(w))
     elif tier.kind is not TierKind.NM and tiled and bitmask_rows == 0:
-        tw = TierWeights(cpu=pack_tiled(w, mask))
+        tw = TierWeights(cpu=pack_cols_bf16(w, mask))
     elif tier.kind is not TierKind.NM and tiled:
-        tw = TierWeights(cpu=pack_bitmask(w, mask), cpu_max_rows=bitmask_rows, cpu_wide=pack_tiled(w, mask))
+        tw = TierWeights(cpu=pack_bitmask(w, mask), cpu_max_rows=bitmask_rows, cpu_wide=pack_cols_bf16(w, mask))
     elif tier.kind is TierKind.NM or tier.sparsity >= BITMASK_MIN_SPARSITY - 1e-9:
         tw = TierWeights(cpu=pack_bitmask(w, mask))
     else:

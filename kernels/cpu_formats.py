@@ -10,14 +10,13 @@ bf16 (round to nearest even) and is otherwise exact: ``unpack(pack(W, mask)) == 
   2 (1 - s) + 0.125 bytes/weight: 50% -> 1.125, 70% -> 0.725, 2:4 -> 1.125. Its kernel expands each 16
   inputs to a dense vector (the FMAs stay dense), so it wins wherever the bytes bound the matmul (one to a
   few rows of x).
-* ``PackedTiled`` (80-90% tiers, for several rows; per ISA path, engine/linear.py ``SPARSE_FORMATS``): each row's kept weights grouped by K-tiles of ``tile`` (256)
-  inputs; per (row, tile) a segment of bf16 values + a one-byte column inside the tile, padded to a
-  multiple of 8 entries (value 0, column 0) so kernels run whole vectors; segments are stored row after
-  row, so a block of output rows is one contiguous run of bytes. 3 bytes per kept weight + padding
-  (about 3.5 entries per segment: ~0.04 bytes/weight at tile 256) + a 4-byte segment offset per tile
-  (0.016): 90% -> ~0.35 bytes/weight. Its kernel's work scales with the kept weights (gathers of x by
-  column at one row, one broadcast FMA per kept weight over the batch rows), which wins over the bitmask
-  at 4+ rows once few weights are kept.
+* ``formats.PackedCols`` with bf16 values (``pack_cols_bf16``; 80-90% tiers, for several rows; per ISA
+  path, engine/linear.py ``SPARSE_FORMATS``): the GPU's values + one-byte column format, read as is by the
+  CPU tiled kernel: per (row, 256-input tile) a run of values + in-tile columns, padded to a multiple of 8
+  entries, runs row-major, one int32 start per run. 3 bytes per kept weight + padding (about 3.5 entries
+  per run: ~0.04 bytes/weight) + 4 bytes per run (0.016): 90% -> ~0.36 bytes/weight. Its kernel's work
+  scales with the kept weights (gathers of x by column at one row, one broadcast FMA per kept weight over
+  the batch rows), which wins over the bitmask at 4+ rows once few weights are kept.
 
 Which tier gets which format is engine/linear.py's choice (``_cpu_pack``), from the measurements in
 docs/benchmarks.md, "CPU kernels".
@@ -31,26 +30,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formats import _check_mask, _check_weight
+from .formats import PackedCols, _check_mask, _check_weight, pack_cols, unpack_cols
 
 __all__ = [
-    "TILE",
     "PackedBitmask",
     "PackedDense",
-    "PackedTiled",
     "linear_bitmask_reference",
+    "linear_cols_bf16_reference",
     "linear_dense_bf16_reference",
-    "linear_tiled_reference",
     "pack_bitmask",
+    "pack_cols_bf16",
     "pack_dense_bf16",
-    "pack_tiled",
     "unpack_bitmask",
     "unpack_dense",
-    "unpack_tiled",
 ]
-
-TILE = 256  # inputs per K-tile: the largest tile a one-byte column addresses
-_SEG = 8  # segments are padded to a multiple of this many entries
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -81,78 +74,12 @@ def unpack_dense(packed: PackedDense) -> torch.Tensor:
     return packed.values
 
 
-@dataclass(frozen=True)
-class PackedTiled:
-    """An unstructured sparse weight: per (row, K-tile) segments of bf16 values + one-byte in-tile columns.
-
-    values:   [L] bf16, all segments, row by row, tile by tile (L = padded total).
-    cols:     [L] uint8, the column of each value inside its tile (padding entries: value 0, column 0).
-    tile_ptr: [N, T + 1] int32, segment t of row n is ``row_ptr[n] + tile_ptr[n, t] ... + tile_ptr[n, t + 1]``
-              (T = ceil(K / tile); each segment's length is a multiple of 8).
-    row_ptr:  [N + 1] int64, start of each row's entries.
-    shape:    (N, K); tile: inputs per tile (<= 256).
-    """
-
-    values: torch.Tensor
-    cols: torch.Tensor
-    tile_ptr: torch.Tensor
-    row_ptr: torch.Tensor
-    shape: tuple[int, int]
-    tile: int = TILE
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_nbytes(t) for t in (self.values, self.cols, self.tile_ptr, self.row_ptr))
-
-    @property
-    def n_tiles(self) -> int:
-        return -(-self.shape[1] // self.tile)
-
-
-def pack_tiled(weight: torch.Tensor, mask: torch.Tensor | None = None, tile: int = TILE) -> PackedTiled:
-    """Pack ``weight * mask`` (mask None: the nonzeros of weight) into the tiled format, values as bf16."""
+def pack_cols_bf16(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedCols:
+    """``formats.pack_cols`` (values + one-byte column per 256-input tile, runs padded to 8) with the values
+    rounded to bf16: the CPU tiled kernel's weight (kernels/cpu/impl.h, ``tiled``)."""
     _check_weight(weight)
-    if not 8 <= tile <= 256:
-        raise ValueError(f"tile must be in [8, 256] (a one-byte column), got {tile}")
-    n, k = weight.shape
-    keep = _check_mask(mask, weight)
-    t_count = -(-k // tile)
-    kp = t_count * tile
-    keep_p = F.pad(keep, (0, kp - k)) if kp != k else keep
-    counts = keep_p.reshape(n, t_count, tile).sum(-1)  # [N, T]
-    seg_len = (counts + _SEG - 1) // _SEG * _SEG
-    seg_flat = seg_len.reshape(-1)
-    seg_start = seg_flat.cumsum(0) - seg_flat  # [N*T] global start of each segment
-    total = int(seg_flat.sum())
-    row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
-    row_ptr[1:] = seg_len.sum(1).cumsum(0)
-    tile_ptr = torch.zeros(n, t_count + 1, dtype=torch.int64, device=weight.device)
-    tile_ptr[:, 1:] = seg_len.cumsum(1)
-    flat = keep_p.reshape(-1).nonzero().squeeze(1)  # kept positions in [N, T*tile] order
-    seg = flat // tile
-    cnt_flat = counts.reshape(-1)
-    first = cnt_flat.cumsum(0) - cnt_flat  # index in `flat` of each segment's first entry
-    pos = seg_start[seg] + (torch.arange(flat.numel(), device=flat.device) - first[seg])
-    values = torch.zeros(total, dtype=torch.bfloat16, device=weight.device)
-    cols = torch.zeros(total, dtype=torch.uint8, device=weight.device)
-    w_p = F.pad(weight.detach(), (0, kp - k)) if kp != k else weight.detach()
-    values[pos] = w_p.reshape(-1)[flat].to(torch.bfloat16)
-    cols[pos] = (flat % tile).to(torch.uint8)
-    return PackedTiled(values, cols, tile_ptr.to(torch.int32).contiguous(), row_ptr, (n, k), tile)
-
-
-def unpack_tiled(packed: PackedTiled) -> torch.Tensor:
-    """Dense [N, K] bf16 weight with zeros at the dropped positions."""
-    n, k = packed.shape
-    t_count, tile = packed.n_tiles, packed.tile
-    seg_len = (packed.tile_ptr[:, 1:] - packed.tile_ptr[:, :-1]).reshape(-1).to(torch.int64)
-    seg = torch.repeat_interleave(torch.arange(n * t_count, device=seg_len.device), seg_len)
-    row, t = seg // t_count, seg % t_count
-    col = t * tile + packed.cols.to(torch.int64)
-    dense = torch.zeros(n, t_count * tile, dtype=torch.float32, device=packed.values.device)
-    # padding entries add 0 at column 0 of their tile: accumulate keeps the real value there
-    dense.index_put_((row, col), packed.values.float(), accumulate=True)
-    return dense[:, :k].to(torch.bfloat16)
+    keep = _check_mask(mask, weight)  # the positions of the fp32 weight: bf16 rounding may zero a kept value
+    return pack_cols(weight.detach().to(torch.bfloat16), keep)
 
 
 _GROUP = 16  # inputs per mask word
@@ -263,9 +190,9 @@ def linear_dense_bf16_reference(x: torch.Tensor, packed: PackedDense, bias: torc
     return _linear(x, packed.values, bias)
 
 
-def linear_tiled_reference(x: torch.Tensor, packed: PackedTiled, bias: torch.Tensor | None = None):
+def linear_cols_bf16_reference(x: torch.Tensor, packed: PackedCols, bias: torch.Tensor | None = None):
     _check_x(x, packed.shape, bias)
-    return _linear(x, unpack_tiled(packed), bias)
+    return _linear(x, unpack_cols(packed), bias)
 
 
 def linear_bitmask_reference(x: torch.Tensor, packed: PackedBitmask, bias: torch.Tensor | None = None):

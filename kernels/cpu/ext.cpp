@@ -68,15 +68,17 @@ at::Tensor dense_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return y;
 }
 
-at::Tensor tiled(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tile_ptr,
-                 const at::Tensor& row_ptr, int64_t N, int64_t K, int64_t tile,
+at::Tensor tiled(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& run_ptr,
+                 int64_t N, int64_t K, int64_t tile,
                  const c10::optional<at::Tensor>& bias, const std::string& isa) {
   const bool wide = use_512(isa);
   check_x(x, K);
   const int64_t M = x.size(0), T = (K + tile - 1) / tile;
   TORCH_CHECK(tile >= 8 && tile <= 256, "tile must be in [8, 256]");
-  TORCH_CHECK(tile_ptr.numel() == N * (T + 1) && row_ptr.numel() == N + 1, "tile_ptr / row_ptr have the wrong size");
+  TORCH_CHECK(run_ptr.numel() == N * T + 1, "run_ptr must have N * ceil(K / tile) + 1 entries");
   TORCH_CHECK(cols.numel() == vals.numel(), "cols and vals differ in length");
+  const int32_t* rp = ptr_of<int32_t>(run_ptr, at::kInt, "run_ptr");
+  TORCH_CHECK(rp[0] == 0 && rp[N * T] <= vals.numel(), "run_ptr does not fit the values");
   at::Tensor y = at::empty({M, N}, x.options());
   const int64_t Mp = (M + 7) / 8 * 8;
   at::Tensor xt;
@@ -86,8 +88,7 @@ at::Tensor tiled(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& 
   }
   sdcpu::TiledArgs a{x.data_ptr<float>(), M > 1 ? xt.data_ptr<float>() : nullptr, M, Mp, K, N, T, tile,
                      ptr_of<uint16_t>(vals, at::kBFloat16, "vals"), ptr_of<uint8_t>(cols, at::kByte, "cols"),
-                     ptr_of<int32_t>(tile_ptr, at::kInt, "tile_ptr"), ptr_of<int64_t>(row_ptr, at::kLong, "row_ptr"),
-                     bias_ptr(bias, N), y.data_ptr<float>()};
+                     rp, bias_ptr(bias, N), y.data_ptr<float>()};
   if (M > 0) run_rows(a, N, wide ? sdcpu_avx512::tiled : sdcpu_avx2::tiled);
   return y;
 }

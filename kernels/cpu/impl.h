@@ -114,14 +114,13 @@ inline void dense_rows(const DenseArgs& a, int64_t n) {
 // ================================================================================ tiled CSR
 // M == 1: gather x by the in-tile column (one gather per W values; x stays in L1).
 inline void tiled_m1(const TiledArgs& a, int64_t n) {
-  const int32_t* tp = a.tile_ptr + n * (a.T + 1);
-  const int64_t rs = a.row_ptr[n];
+  const int32_t* rp = a.run_ptr + n * a.T;
   vf acc = vzero();
   __m256 acc8 = _mm256_setzero_ps(), acc8b = _mm256_setzero_ps();
   for (int64_t t = 0; t < a.T; ++t) {
     const float* xb = a.x + t * a.tile;
-    int64_t j = rs + tp[t];
-    const int64_t e = rs + tp[t + 1];
+    int64_t j = rp[t];
+    const int64_t e = rp[t + 1];
 #if SDCPU_W == 16
     for (; j + 16 <= e; j += 16) acc = vfma(vld_bf16(a.vals + j), vgather(xb, a.cols + j), acc);
 #else
@@ -146,15 +145,14 @@ template <int Q>
 inline void tiled_mq(const TiledArgs& a, int64_t n, int64_t c) {
   constexpr int S = Q == 1 ? 4 : (Q == 2 ? 2 : 1);  // independent accumulator sets (FMA latency)
   const int64_t Mp = a.Mp;
-  const int32_t* tp = a.tile_ptr + n * (a.T + 1);
-  const int64_t rs = a.row_ptr[n];
+  const int32_t* rp = a.run_ptr + n * a.T;
   __m256 acc[S][Q];
   for (int s = 0; s < S; ++s)
     for (int q = 0; q < Q; ++q) acc[s][q] = _mm256_setzero_ps();
   for (int64_t t = 0; t < a.T; ++t) {
     const float* xb = a.xt + t * a.tile * Mp + c;
-    const int64_t e = rs + tp[t + 1];
-    for (int64_t j = rs + tp[t]; j < e; j += 8) {  // segments are padded to 8
+    const int64_t e = rp[t + 1];
+    for (int64_t j = rp[t]; j < e; j += 8) {  // segments are padded to 8
       alignas(32) float vb[8];  // 8 widened values, broadcast from L1 one by one
       _mm256_store_ps(vb, ld8_bf16(a.vals + j));
       for (int u = 0; u < 8; ++u) {

@@ -14,14 +14,14 @@ struct DenseArgs {
   float* y;
 };
 
-// Tiled CSR: row n's nonzeros are split by K-tiles of `tile` inputs; tile t of row n holds the values
-// vals[row_ptr[n] + tile_ptr[n * (T + 1) + t] ...  + tile_ptr[n * (T + 1) + t + 1]) with their column
-// inside the tile in `cols` (one byte); every (row, tile) segment is padded to a multiple of 8 entries
-// (value 0, column 0). x for M == 1 is read directly; for M > 1 `xt` is x transposed [K, Mp] (Mp = M
+// Values + one-byte column (kernels/formats.py, PackedCols): row n's kept weights split by K-tiles of
+// `tile` inputs; run (n, t) holds the values vals[run_ptr[n * T + t] ... run_ptr[n * T + t + 1]) with
+// their column inside the tile in `cols`; every run is padded to a multiple of 8 entries (value 0,
+// column 0). x for M == 1 is read directly; for M > 1 `xt` is x transposed [K, Mp] (Mp = M
 // rounded up to 8, zero padded).
 struct TiledArgs {
   const float* x; const float* xt; int64_t M, Mp, K, N, T, tile;
-  const uint16_t* vals; const uint8_t* cols; const int32_t* tile_ptr; const int64_t* row_ptr;
+  const uint16_t* vals; const uint8_t* cols; const int32_t* run_ptr;
   const float* bias;
   float* y;
 };

@@ -16,7 +16,8 @@ from sparsedial.engine.linear import BITMASK_MIN_SPARSITY, ElasticLinear, sparse
 from sparsedial.engine.options import EngineConfig
 from sparsedial.engine.tiers import TierPlan
 from sparsedial.kernels import _cpu_ext
-from sparsedial.kernels.cpu_formats import PackedBitmask, PackedDense, PackedTiled
+from sparsedial.kernels.cpu_formats import PackedBitmask, PackedDense
+from sparsedial.kernels.formats import PackedCols
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
 NEW = 12  # greedy tokens per prompt
@@ -72,9 +73,9 @@ def test_every_tier_is_packed_and_small(models):
                     want = PackedDense if spec.kind != "nm" and spec.sparsity < BITMASK_MIN_SPARSITY else PackedBitmask
                     assert isinstance(tw.cpu, want) and tw.cpu_wide is None, name
                 elif rows == 0:
-                    assert isinstance(tw.cpu, PackedTiled) and tw.cpu_wide is None, name
+                    assert isinstance(tw.cpu, PackedCols) and tw.cpu_wide is None, name
                 else:  # the bitmask up to `rows` rows, the tiled format above
-                    assert isinstance(tw.cpu, PackedBitmask) and isinstance(tw.cpu_wide, PackedTiled), name
+                    assert isinstance(tw.cpu, PackedBitmask) and isinstance(tw.cpu_wide, PackedCols), name
                     assert tw.cpu_max_rows == rows, name
                 assert tw.weight is None or name == "dense"  # no fp32 copy of a sparse tier
     assert old.tier_bytes["70%"] == pytest.approx(dense_fp32, rel=0.01)  # the fp32 path: a dense copy
@@ -109,7 +110,7 @@ def test_the_switch_keeps_the_fp32_path():
     lin = next(m for m in on.model.modules() if isinstance(m, ElasticLinear) and m.maps is not None)
     assert isinstance(lin.tiers["70%"].cpu, PackedBitmask)
     on.ensure(["90%"])  # an on-demand tier keeps the linear's choice: the tiled format for many rows
-    assert PackedTiled in (type(lin.tiers["90%"].cpu), type(lin.tiers["90%"].cpu_wide))
+    assert PackedCols in (type(lin.tiers["90%"].cpu), type(lin.tiers["90%"].cpu_wide))
     assert on.tier_bytes["70%"] < 0.3 * off.tier_bytes["70%"]
 
 

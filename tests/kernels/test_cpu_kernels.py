@@ -20,17 +20,16 @@ from sparsedial.kernels.cpu_dispatch import cpu_linear
 from sparsedial.kernels.cpu_formats import (
     PackedBitmask,
     PackedDense,
-    PackedTiled,
     linear_bitmask_reference,
+    linear_cols_bf16_reference,
     linear_dense_bf16_reference,
-    linear_tiled_reference,
     pack_bitmask,
+    pack_cols_bf16,
     pack_dense_bf16,
-    pack_tiled,
     unpack_bitmask,
     unpack_dense,
-    unpack_tiled,
 )
+from sparsedial.kernels.formats import PackedCols, unpack_cols
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "stdlib-tiny-elastic"
 ISAS = _cpu_ext.supported_isas()
@@ -76,8 +75,8 @@ def test_kernels_equal_their_references(isa, m, n, k, with_bias):
     dense = pack_dense_bf16(w)
     _close(cpu_linear(x, dense, bias), linear_dense_bf16_reference(x, dense, bias), k)
     for s in (0.5, 0.7, 0.95):
-        tiled = pack_tiled(w, torch.rand(n, k, generator=g) >= s)
-        _close(cpu_linear(x, tiled, bias), linear_tiled_reference(x, tiled, bias), k)
+        tiled = pack_cols_bf16(w, torch.rand(n, k, generator=g) >= s)
+        _close(cpu_linear(x, tiled, bias), linear_cols_bf16_reference(x, tiled, bias), k)
     for s in (0.0, 0.5, 0.9, 1.0):  # every weight kept, half, a tenth, none
         bm = pack_bitmask(w, torch.rand(n, k, generator=g) >= s)
         _close(cpu_linear(x, bm, bias), linear_bitmask_reference(x, bm, bias), k)
@@ -105,10 +104,10 @@ def test_the_bitmask_kernel_against_a_hand_computed_product(isa):
 def test_leading_dims_and_bf16_activations(isa):
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(48, 200, generator=g), torch.randn(2, 3, 200, generator=g)
-    tiled = pack_tiled(w, torch.rand(48, 200, generator=g) >= 0.7)
+    tiled = pack_cols_bf16(w, torch.rand(48, 200, generator=g) >= 0.7)
     y = cpu_linear(x, tiled)
     assert y.shape == (2, 3, 48)
-    _close(y, linear_tiled_reference(x, tiled), 200)
+    _close(y, linear_cols_bf16_reference(x, tiled), 200)
     yb = cpu_linear(x.bfloat16(), tiled)
     assert yb.dtype == torch.bfloat16
 
@@ -120,9 +119,9 @@ def test_pack_unpack_identity():
         mask = torch.rand(n, k, generator=g) >= 0.6
         mask[0] = True  # a full row: every segment full
         mask[-1] = False  # an empty row
-        tiled = pack_tiled(w, mask)
-        assert torch.equal(unpack_tiled(tiled), (w * mask).bfloat16())
-        assert tiled.values.numel() % 8 == 0 and (tiled.tile_ptr.diff(dim=1) % 8 == 0).all()
+        tiled = pack_cols_bf16(w, mask)
+        assert torch.equal(unpack_cols(tiled), (w * mask).bfloat16())
+        assert tiled.values.numel() % 8 == 0 and (tiled.run_ptr.diff() % 8 == 0).all()
         assert torch.equal(unpack_dense(pack_dense_bf16(w)), w.bfloat16())
         bm = pack_bitmask(w, mask)
         assert torch.equal(unpack_bitmask(bm), (w * mask).bfloat16())
@@ -134,7 +133,7 @@ def test_pack_unpack_identity():
     w = torch.randn(256, 2048, generator=g)
     bm = pack_bitmask(w, torch.rand(256, 2048, generator=g) >= 0.7)
     assert bm.nbytes < (2 * 0.31 + 0.125) * w.numel()
-    tiled = pack_tiled(w, torch.rand(256, 2048, generator=g) >= 0.9)
+    tiled = pack_cols_bf16(w, torch.rand(256, 2048, generator=g) >= 0.9)
     assert tiled.nbytes < 0.1 * w.numel() * 4
 
 
@@ -186,7 +185,7 @@ def test_every_tier_of_the_embedded_model(isa):
                 if packed is None:
                     continue
                 kinds.add(type(packed))
-                ref = {PackedDense: linear_dense_bf16_reference, PackedTiled: linear_tiled_reference,
+                ref = {PackedDense: linear_dense_bf16_reference, PackedCols: linear_cols_bf16_reference,
                        PackedBitmask: linear_bitmask_reference}[type(packed)]
                 for m in (1, 5, 32):
                     x = torch.randn(m, lin.in_features, generator=g)
@@ -196,7 +195,7 @@ def test_every_tier_of_the_embedded_model(isa):
                     x = torch.randn(m, lin.in_features, generator=g)
                     want = linear_bitmask_reference(x, tw.cpu, lin.bias)
                     _close(tw.apply(x, lin.bias), want, lin.in_features)
-    assert kinds == {PackedDense, PackedTiled, PackedBitmask}
+    assert kinds == {PackedDense, PackedCols, PackedBitmask}
 
 
 def test_forcing_an_isa_the_cpu_lacks_is_an_error(monkeypatch):
@@ -218,10 +217,10 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_log_line(monkeypatc
     try:
         g = torch.Generator().manual_seed(4)
         w, x = torch.randn(20, 64, generator=g), torch.randn(3, 64, generator=g)
-        tiled, dense = pack_tiled(w, torch.rand(20, 64, generator=g) >= 0.5), pack_dense_bf16(w)
+        tiled, dense = pack_cols_bf16(w, torch.rand(20, 64, generator=g) >= 0.5), pack_dense_bf16(w)
         bm = pack_bitmask(w, _mask24(20, 64, g))
         with caplog.at_level(logging.WARNING, logger="sparsedial.kernels"):
-            assert torch.equal(cpu_linear(x, tiled), linear_tiled_reference(x, tiled))
+            assert torch.equal(cpu_linear(x, tiled), linear_cols_bf16_reference(x, tiled))
             assert torch.equal(cpu_linear(x, dense), linear_dense_bf16_reference(x, dense))
             assert torch.equal(cpu_linear(x, bm), linear_bitmask_reference(x, bm))
         lines = [r for r in caplog.records if r.name == "sparsedial.kernels"]

@@ -73,6 +73,12 @@ class EPTSConfig:
     lora0_check_sparsity: float = 0.3
     lora0_off_below: float = 0.4
     seed: int = 0
+    streams: Literal["mixed", "band", "own"] = "mixed"
+    """Input streams of the sparse paths. "mixed": EPTS's MSFM, one stream for every group (the next
+    block's input = the msfm_weights mix of the group outputs). "band" (ours): one MSFM stream per band
+    (<= 50%; 50-70% and 2:4; > 70%), mixed from that band's groups only (msfm_weights renormalised inside
+    the band). "own" (ours): every group reads and feeds its own trajectory, the stream its tiers see at
+    run time."""
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= lo < hi <= 1.0 for lo, hi in self.groups):
@@ -83,6 +89,8 @@ class EPTSConfig:
             raise ValueError(f"msfm_weights needs {n} weights summing to 1, got {self.msfm_weights}")
         if self.lora_mode not in ("masked", "unmasked"):
             raise ValueError(f"lora_mode must be masked or unmasked, got {self.lora_mode!r}")
+        if self.streams not in ("mixed", "band", "own"):
+            raise ValueError(f"streams must be mixed, band or own, got {self.streams!r}")
 
     def lora_groups(self) -> list[LoraGroup]:
         def rank(hi: float) -> int:
@@ -96,11 +104,30 @@ class EPTSConfig:
     def mixing_weights(self) -> list[float]:
         return list(self.msfm_weights) if self.msfm_weights is not None else default_msfm_weights(self)
 
+    def stream_plan(self) -> tuple[list[int], list[float]]:
+        """(stream index of each path, the path's weight in its stream's mix); paths are the unstructured
+        groups, then 2:4. Each stream's weights sum to 1."""
+        w = self.mixing_weights()
+        if self.streams == "own":
+            return list(range(len(w))), [1.0] * len(w)
+        keys = _bands(self) if self.streams == "band" else ["all"] * len(w)
+        order = list(dict.fromkeys(keys))
+        stream = [order.index(k) for k in keys]
+        total = [sum(x for x, s in zip(w, stream) if s == i) for i in range(len(order))]
+        if any(t <= 0 for t in total):
+            raise ValueError(f"msfm_weights {w} give a stream no weight (streams={self.streams})")
+        return stream, [x / total[s] for x, s in zip(w, stream)]
+
+
+def _bands(cfg: EPTSConfig) -> list[str]:
+    """Band of each path: low (<= 50%), mid (50-70%, and 2:4), high (> 70%)."""
+    bands = ["low" if hi <= 0.5 + 1e-9 else "mid" if hi <= 0.7 + 1e-9 else "high" for _, hi in cfg.groups]
+    return bands + ["mid"] * int(cfg.nm_group)
+
 
 def default_msfm_weights(cfg: EPTSConfig) -> list[float]:
     """Low (<= 50%), mid (50-70%, and 2:4) and high (> 70%) bands get 0.3 / 0.3 / 0.4, equal inside a band."""
-    bands = ["low" if hi <= 0.5 + 1e-9 else "mid" if hi <= 0.7 + 1e-9 else "high" for _, hi in cfg.groups]
-    bands += ["mid"] * int(cfg.nm_group)
+    bands = _bands(cfg)
     share = {"low": 0.3, "mid": 0.3, "high": 0.4}
     present = {b: bands.count(b) for b in set(bands)}
     total = sum(share[b] for b in present)
@@ -205,11 +232,14 @@ def _forward(layer, ctx: BlockContext, params: dict[str, torch.Tensor], x: torch
 
 def train_block(layer, block: int, ctx: BlockContext, x_mix: torch.Tensor, y_dense: torch.Tensor,
                 masks: NestedMasks, cfg: EPTSConfig, gen: torch.Generator, progress: bool) -> BlockLoRA:
-    """Reconstruct one block; returns its trained LoRA stack."""
+    """Reconstruct one block; returns its trained LoRA stack. `x_mix`: the sparse paths' input, [n, T, H]
+    (one stream) or [streams, n, T, H] (cfg.stream_plan() says which path reads which)."""
     lora = _init_lora(layer, cfg, gen)
     bw = _BlockWeights(layer, block, masks, lora, cfg.lora_mode)
     paths = _paths(cfg)
-    n = x_mix.shape[0]
+    x_streams = x_mix if x_mix.dim() == 4 else x_mix.unsqueeze(0)
+    stream_of = cfg.stream_plan()[0] if x_streams.shape[0] > 1 else [0] * len(paths)
+    n = x_streams.shape[1]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     steps = cfg.epochs * steps_per_epoch
     draws = [p.stratified(steps, gen) for p in paths]
@@ -222,10 +252,10 @@ def train_block(layer, block: int, ctx: BlockContext, x_mix: torch.Tensor, y_den
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            xb, yd = x_mix[idx], y_dense[idx]
+            yd = y_dense[idx]
             y0, total = None, 0.0
-            for p, d in zip(paths, draws):
-                y = _forward(layer, ctx, bw.params(p, d[step]), xb)
+            for p, d, s in zip(paths, draws, stream_of):
+                y = _forward(layer, ctx, bw.params(p, d[step]), x_streams[s][idx])
                 if y0 is None:  # group 0: toward the dense output only
                     loss = F.mse_loss(y, yd)
                     y0 = y.detach()
@@ -261,14 +291,19 @@ def _check_lora0(layer, block, ctx, x_dense, y_dense, masks, lora, cfg) -> bool:
 
 @torch.no_grad()
 def _mix(layer, block, ctx, x_mix, masks, lora, cfg, gen) -> torch.Tensor:
-    """MSFM: the next block's sparse-path input = sum_k w_k * block(x_mix) at one sparsity per group."""
+    """MSFM: the next block's sparse-path input = sum_k w_k * block(x_mix) at one sparsity per group; with
+    several streams ([streams, n, T, H]), each stream mixes the outputs of its own paths on itself."""
     bw = _BlockWeights(layer, block, masks, lora, cfg.lora_mode)
-    out = torch.zeros_like(x_mix)
-    for p, w in zip(_paths(cfg), cfg.mixing_weights()):
+    streams = x_mix if x_mix.dim() == 4 else x_mix.unsqueeze(0)
+    stream_of, weights = cfg.stream_plan() if streams.shape[0] > 1 else ([0] * len(_paths(cfg)),
+                                                                          cfg.mixing_weights())
+    out = torch.zeros_like(streams)
+    for p, w, k in zip(_paths(cfg), weights, stream_of):
         s = p.stratified(1, gen)[0]
         params = bw.params(p, s)
-        out += w * torch.cat([_forward(layer, ctx, params, x_mix[i : i + 8]) for i in range(0, x_mix.shape[0], 8)])
-    return out
+        xs = streams[k]
+        out[k] += w * torch.cat([_forward(layer, ctx, params, xs[i : i + 8]) for i in range(0, xs.shape[0], 8)])
+    return out if x_mix.dim() == 4 else out[0]
 
 
 def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tensor, cfg: EPTSConfig,
@@ -280,7 +315,8 @@ def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tens
     layers = model.model.layers
     with torch.no_grad():
         x_dense = embed(model, calib_tokens).float()
-    x_mix = x_dense.clone()
+    n_streams = max(cfg.stream_plan()[0]) + 1
+    x_mix = x_dense.clone() if n_streams == 1 else x_dense.unsqueeze(0).repeat(n_streams, 1, 1, 1)
     ctx = BlockContext.build(model, calib_tokens.shape[1], x_dense.dtype)
     tensors: dict[str, torch.Tensor] = {}
     start, state, files = 0, None, {}
@@ -306,7 +342,10 @@ def reconstruct(model: Transformer, masks: NestedMasks, calib_tokens: torch.Tens
 
 
 def _fingerprint(cfg: EPTSConfig, calib_tokens: torch.Tensor) -> dict:
-    return {"config": json.loads(json.dumps(asdict(cfg))), "calib_sum": int(calib_tokens.sum()),
+    config = json.loads(json.dumps(asdict(cfg)))
+    if config["streams"] == "mixed":  # the default: runs from before the field existed still resume
+        del config["streams"]
+    return {"config": config, "calib_sum": int(calib_tokens.sum()),
             "calib_shape": list(calib_tokens.shape)}
 
 

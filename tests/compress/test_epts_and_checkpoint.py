@@ -121,11 +121,12 @@ def test_load_rejects_tampered_checkpoints(elastic_dir, tmp_path, damage):
         load_elastic_for_eval(bad)
 
 
-def test_epts_resumes_after_interruption(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streams", ["mixed", "own"])
+def test_epts_resumes_after_interruption(tiny_model_dir, calib_file, tmp_path, monkeypatch, streams):
     lm = load_model(tiny_model_dir)
     tokens = calibration_tokens(lm.tokenizer, CalibrationConfig(str(calib_file), 4, 32))
     masks = build_nested(lm.model, dense_input_norms(lm.model, tokens, progress=False))
-    cfg = EPTSConfig(epochs=1, batch_size=2)
+    cfg = EPTSConfig(epochs=1, batch_size=2, streams=streams)
     full = reconstruct(lm.model, masks, tokens, cfg, progress=False)
 
     real = epts_mod.train_block
@@ -145,6 +146,59 @@ def test_epts_resumes_after_interruption(tiny_model_dir, calib_file, tmp_path, m
         torch.testing.assert_close(resumed[k], full[k])
     with pytest.raises(ValueError, match="another config"):
         reconstruct(lm.model, masks, tokens, EPTSConfig(epochs=2, batch_size=2), work_dir=tmp_path, progress=False)
+    other = "band" if streams == "own" else "own"
+    with pytest.raises(ValueError, match="another config"):
+        reconstruct(lm.model, masks, tokens, EPTSConfig(epochs=1, batch_size=2, streams=other), work_dir=tmp_path,
+                    progress=False)
+
+
+def test_stream_plan_by_hand():
+    """Default MSFM weights: low 0.3 over 3 groups, mid 0.3 over 4 groups + 2:4, high 0.4 over 2 groups."""
+    w = EPTSConfig().mixing_weights()
+    torch.testing.assert_close(torch.tensor(w), torch.tensor([.1] * 3 + [.06] * 4 + [.2] * 2 + [.06]))
+    assert EPTSConfig().stream_plan() == ([0] * 10, w)
+    stream, weights = EPTSConfig(streams="band").stream_plan()
+    assert stream == [0, 0, 0, 1, 1, 1, 1, 2, 2, 1]
+    torch.testing.assert_close(torch.tensor(weights), torch.tensor([1 / 3] * 3 + [.2] * 4 + [.5] * 2 + [.2]))
+    assert EPTSConfig(streams="own").stream_plan() == (list(range(10)), [1.0] * 10)
+    with pytest.raises(ValueError, match="streams must be"):
+        EPTSConfig(streams="per-tier")
+    with pytest.raises(ValueError, match="no weight"):  # the high band gets nothing from this mix
+        EPTSConfig(streams="band", msfm_weights=(.1,) * 7 + (0, 0) + (.3,)).stream_plan()
+
+
+@pytest.mark.parametrize("streams", ["band", "own"])
+def test_streams_mix_only_their_own_paths(tiny_model_dir, calib_file, streams):
+    """With several streams, the next block's stream k depends on stream k alone: perturbing another stream
+    leaves it bit-identical, and a single-stream mix is the weighted sum of the paths on that one stream."""
+    lm = load_model(tiny_model_dir)
+    tokens = calibration_tokens(lm.tokenizer, CalibrationConfig(str(calib_file), 4, 32))
+    masks = build_nested(lm.model, dense_input_norms(lm.model, tokens, progress=False))
+    cfg = EPTSConfig(epochs=1, batch_size=2, streams=streams)
+    layer = lm.model.model.layers[0]
+    ctx = epts_mod.BlockContext.build(lm.model, tokens.shape[1], torch.float32)
+    x = epts_mod.embed(lm.model, tokens).float()
+    lora = epts_mod._init_lora(layer, cfg, torch.Generator().manual_seed(0))
+    for n in LINEAR_NAMES:  # a nonzero delta in every group, so the paths differ
+        lora.B[n] = [torch.randn_like(b) * 0.02 for b in lora.B[n]]
+    stream_of, _ = cfg.stream_plan()
+    n_streams = max(stream_of) + 1
+    xs = x.unsqueeze(0).repeat(n_streams, 1, 1, 1)
+    base = epts_mod._mix(layer, 0, ctx, xs, masks, lora, cfg, torch.Generator().manual_seed(1))
+    moved = xs.clone()
+    moved[n_streams - 1] += 0.5 * torch.randn_like(moved[n_streams - 1])
+    out = epts_mod._mix(layer, 0, ctx, moved, masks, lora, cfg, torch.Generator().manual_seed(1))
+    for k in range(n_streams - 1):
+        assert torch.equal(out[k], base[k])
+    assert not torch.allclose(out[-1], base[-1])
+    # the single-stream (EPTS) mix of the same paths on stream 0 = the weighted sum of each path's output
+    mixed = EPTSConfig(epochs=1, batch_size=2)
+    single = epts_mod._mix(layer, 0, ctx, x, masks, lora, mixed, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    bw = epts_mod._BlockWeights(layer, 0, masks, lora, "masked")
+    want = sum(w * epts_mod._forward(layer, ctx, bw.params(p, p.stratified(1, gen)[0]), x)
+               for p, w in zip(epts_mod._paths(mixed), mixed.mixing_weights()))
+    torch.testing.assert_close(single, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_compress_and_eval_tiers(tiny_model_dir, calib_file, tmp_path, capsys):

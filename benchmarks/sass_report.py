@@ -250,19 +250,27 @@ def nested_jobs(m: int) -> list[Job]:
          "tile_off_ptr": "*i16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     tile = 128
     out = []
+    # ALIGN: the packs' run alignment (nested.DEFAULT_ALIGN, issue 14); kernels before it have no ALIGN
+    from sparsedial.kernels import nested
+
+    align = getattr(nested, "DEFAULT_ALIGN", 1)
     for bn, bj, w in t.COLS_SHAPES:
         fn = t._gemv_cols_kernel
+        st = getattr(t, "COLS_STAGES", 2)
+        extra = {"ALIGN": align} if "ALIGN" in fn.arg_names else {}
         out.append(Job("nested cols gemv", fn, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
                        {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj,
-                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {})}, w, 2, m,
-                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}",
+                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {}), **extra,
+                        **stages(fn, st)}, w, st, m,
+                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None,
+                       f"BN{bn} BJ{bj} w{w}" + (f" s{st} A{align}" if extra else ""),
                        ffma_per_iter=max(1, m * bn * bj // (32 * w))))
     stages_levels = getattr(t, "LEVELS_STAGES", 2)
     for bn, w in t.LEVELS_SHAPES:
         fn = t._gemv_levels_kernel
         out.append(Job("nested levels gemv", fn, {**h, "planes_ptr": "*i32"},
                        {"HAS_BIAS": False, "TILE": tile, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn,
-                        **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
+                        **({"ALIGN": align} if "ALIGN" in fn.arg_names else {}), **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
                        gemv_grid(fn, m, bn, tile), None, f"BN{bn} w{w} s{stages_levels}"))
     return out
 

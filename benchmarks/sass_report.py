@@ -77,6 +77,8 @@ class Job:
     # FFMAs a thread issues per loop iteration, for loops with a runtime trip count that ptxas may unroll:
     # the loop's FFMAs over it is the unroll factor, and the counts are divided by it
     ffma_per_iter: int | None = None
+    # (n, k, m) -> True where the kernel's autotuner prunes this config for that shape (shown "(pruned)")
+    pruned: object = None
     result: dict = field(default_factory=dict)
 
 
@@ -165,6 +167,22 @@ def gemv_grid(fn: object, bm: int, bn: int, bk: int):
     return lambda n, k, m: -(-n // bn)
 
 
+def autotune_pruned(module: object, tuned: str, m: int, bn: int, bk: int, w: int, st: int):
+    """(n, k, m) -> whether the autotuner `module.tuned` drops the config (BN, BK, warps, stages) for that
+    shape by its ``early_config_prune`` (None when it has none)."""
+    at = getattr(module, tuned, None)
+    prune = getattr(at, "early_config_prune", None)
+    if prune is None:
+        return None
+
+    def pruned(n: int, k: int, rows: int) -> bool:
+        kept = prune(at.configs, {"N": n, "K": k, "M": rows}, BLOCK_M=m)
+        return not any(c.kwargs.get("BLOCK_N") == bn and c.kwargs.get("BLOCK_K") == bk and c.num_warps == w
+                       and c.num_stages == st for c in kept)
+
+    return pruned
+
+
 def stages(fn: object, num_stages: int) -> dict[str, int]:
     """The NUM_STAGES constexpr (the K loop's ``tl.range(num_stages=...)``) of kernels that take it."""
     return {"NUM_STAGES": num_stages} if "NUM_STAGES" in fn.arg_names else {}
@@ -189,7 +207,8 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 out.append(Job(name, fn, {**h, "meta_ptr": "*i32"},
                                {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st)}, w,
                                st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
-                               f"BN{bn} BK{bk} w{w} s{st}"))
+                               f"BN{bn} BK{bk} w{w} s{st}",
+                               pruned=autotune_pruned(t, "_gemv_24_tuned", m, bn, bk, w, st) if m == 1 else None))
         if "bitmap" in only:
             from sparsedial.kernels import triton_bitmap as t
 
@@ -290,8 +309,9 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
             dense, stored = per, (per / job.stored_frac if job.stored_frac else None)
         else:
             dense, stored = None, per
-        progs = " | ".join(f"{job.grid(n, k, job.m) / SMS:.1f}" for n, k in SHAPES.values()) if arch == 90 else \
-            " | ".join("" for _ in SHAPES)
+        progs = " | ".join(f"{job.grid(n, k, job.m) / SMS:.1f}"
+                           + (" (pruned)" if job.pruned and job.pruned(n, k, job.m) else "")
+                           for n, k in SHAPES.values()) if arch == 90 else " | ".join("" for _ in SHAPES)
         spill = f" ({r['local']})" if r["local"] else ""
         lines.append(
             f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | {r['regs']}{spill} | "

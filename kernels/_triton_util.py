@@ -52,6 +52,21 @@ def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: in
     return triton.cdiv(n, block_n), split, triton.cdiv(m, block_m)
 
 
+def prune_under_two_waves(configs: list, named_args: dict, **kwargs: object) -> list:
+    """``early_config_prune`` of the split-K gemv autotuners: drop the configs whose grid (``split_k_grid``
+    with the config's BLOCK_N and BLOCK_K) stays under SPLIT_K_MIN_PROGRAMS (two programs per SM) on this
+    launch's N, K, M while some config reaches it (else keep every config)."""
+    n, k, m = named_args["N"], named_args["K"], named_args["M"]
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+
+    def programs(c) -> int:
+        gn, gs, gm = split_k_grid(n, m, k, block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+        return gn * gs * gm
+
+    kept = [c for c in configs if programs(c) >= SPLIT_K_MIN_PROGRAMS]
+    return kept or list(configs)
+
+
 def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, **flags) -> None:
     """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, BLOCK_K)``:
     autotuned over `shapes` [(BLOCK_N, BLOCK_K, ...)] when config is None, else with that tile (and its

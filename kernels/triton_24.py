@@ -33,6 +33,7 @@ from ._launch import (
     check_triton_device,
     choose_path,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
 )
 from ._triton_util import (
@@ -337,10 +338,9 @@ def linear_24_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    y, b = gemv_output(x2, n, bias)  # [M, N]; b: y as a dummy pointer when no bias
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
     if n * (k // 2) >= 2**31:
         raise ValueError(f"the 2:4 kernels use 32-bit offsets: N * K / 2 must be < 2**31, got {n} x {k}")
     kind = choose_path(path, m)

@@ -39,18 +39,17 @@ from ._launch import (
     KernelConfig,
     KernelPath,
     check_triton_device,
+    fill_bias,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
-    split_k_buffers,
 )
-from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
+from ._triton_util import autotune_bench, gather_load, launch_gemv, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs
 
 __all__ = ["linear_nested_triton"]
 
-# Most rows of x one program serves (the weight is read once for all of them), as the other gemv kernels.
-GEMV_BLOCK_M = 8
 # Autotune candidates: (BLOCK_N, BLOCK_J, num_warps) for cols, (BLOCK_N, num_warps) for levels (the K step
 # is the format tile). Small row blocks keep N / BLOCK_N >= 256 programs at N = 4096. Cols tiles hold 8
 # entries a thread (BLOCK_N * BLOCK_J = 256 * num_warps): two aligned 4-entry vectors, each an 8-byte value
@@ -223,41 +222,25 @@ def linear_nested_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    y, b = gemv_output(x2, n, bias)
     if m == 0 or packed.tier_nnz[tier] == 0:
-        y.copy_(bias.to(x.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        fill_bias(y, bias)
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
-    block_m = config.block_m if config else min(GEMV_BLOCK_M, triton.next_power_of_2(m))
-    flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile, "BLOCK_M": block_m}
-    shape = (m, n, k, x2.stride(0), y.stride(0), tier)
+    rest = (m, n, k, x2.stride(0), y.stride(0), tier)
+    flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile}
     if index == "cols":
         if packed.values.numel() >= 2**31 or n * -(-k // packed.tile) >= 2**31:
             raise ValueError("the nested cols kernel uses 32-bit offsets: values and N * tiles must be < 2**31")
         flags.update(HW_LOAD=not interpreter_enabled(), X_BITS=8 * x.element_size(), ALIGN=packed.align)
         ends = packed.level_ends[tier]  # [N, tiles]: the only slice of level_ends this tier reads
-        args = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
-        kernel, tuned = _gemv_cols_kernel, _gemv_cols_tuned
-        tile = {"BLOCK_J": config.block_k} if config else {}
+        ptrs = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
+        kernel, tuned, shapes, inner = _gemv_cols_kernel, _gemv_cols_tuned, COLS_SHAPES, "BLOCK_J"
     else:
-        args = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
-        kernel, tuned, tile = _gemv_levels_kernel, _gemv_levels_tuned, {}
+        ptrs = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
+        kernel, tuned, shapes, inner = _gemv_levels_kernel, _gemv_levels_tuned, LEVELS_SHAPES, None
         flags["NUM_PLANES"] = packed.num_planes
-    tile_k = packed.tile  # split-K unit: one format tile
-    if config is None:
-        bns = [bn for bn, *_ in (COLS_SHAPES if index == "cols" else LEVELS_SHAPES)]
-        if interpreter_enabled():
-            bns = [16]
-        grids = [split_k_grid(n, m, k, block_m, bn, tile_k) for bn in bns]
-        ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), x.device)
-        grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], tile_k)
-        tuned[grid](*args, ws, locks, *shape, **flags)
-    else:
-        grid = split_k_grid(n, m, k, block_m, config.block_n, tile_k)
-        if config.split_k is not None:
-            grid = (grid[0], config.split_k, grid[2])
-        ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], x.device)
-        tile["NUM_STAGES"] = config.num_stages
-        kernel[grid](*args, ws, locks, *shape, **flags, **tile, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                     num_stages=config.num_stages)
+    if interpreter_enabled():
+        shapes = [(16, 0)]  # the one interpreter config's BLOCK_N (the K step is the format tile)
+    launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, x.device, config, step_k=packed.tile, inner=inner,
+                **flags)
     return y.reshape(*x.shape[:-1], n)

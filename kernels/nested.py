@@ -46,7 +46,8 @@ about 2.55 bytes/weight at ``align=1`` (2.58 at 4; levels only ~1.8, below one d
 ~6.9 for 7 separate bitmaps; docs/benchmarks.md ("Nested-tier format") has the measured table.
 
 Why not only the uint8 column index (one structure, simplest kernel): at 30% sparsity it reads 2.1
-bytes/weight, more than dense fp16. Why not only the level map: at 90% it reads 0.59 vs 0.33.
+bytes/weight, more than dense fp16. Why not only the level map: at 90% it reads 0.59 vs 0.33 (0.36 with
+the 4-entry aligned runs).
 
 Values. The format stores ONE set of values, ``W`` restricted to each tier's mask: it serves tiers whose
 weight is ``W * M_k`` (no per-tier merged LoRA; in the engine's unmasked LoRA mode the delta runs beside

@@ -392,9 +392,10 @@ Measured by `{command}` on {machine}.
 
 **Format** (`kernels/nested.py`, `PackedNested`): the 7 nested unstructured tiers (90..30%, sparsest first)
 share one copy of the values of the densest tier. Per row and 128-input column tile the values run by the
-tier that first keeps them (level), then by column, so tier k reads a prefix of every tile. Two indexes
-locate a value: `cols` (uint8 in-tile column per value + per-tier prefix lengths; reads 3 bytes per kept
-weight) and `levels` (a 3-bit level code per weight as bit planes; reads 2 bytes per kept weight + 3/8 per
+tier that first keeps them (level), then by column, so tier k reads a prefix of every tile; each run is
+padded to a multiple of 4 entries (`align`, so the cols kernel's loads are aligned 8-byte / 4-byte cp.async
+copies). Two indexes locate a value: `cols` (uint8 in-tile column per value + per-tier prefix lengths; reads
+3 bytes per kept weight, each tile's prefix rounded up to 4 entries) and `levels` (a 3-bit level code per weight as bit planes; reads 2 bytes per kept weight + 3/8 per
 weight, ranks computed in registers). `pack_nested(..., index="both")` stores both and each tier reads the
 cheaper (`index_for`). One shared copy of values means the tiers' weights are W restricted to each mask:
 no per-tier merged LoRA (unmasked LoRA runs beside the sparse base). Not wired into the engine.

@@ -77,6 +77,8 @@ class Job:
     # FFMAs a thread issues per loop iteration, for loops with a runtime trip count that ptxas may unroll:
     # the loop's FFMAs over it is the unroll factor, and the counts are divided by it
     ffma_per_iter: int | None = None
+    # (n, k, m) -> True where the kernel's autotuner prunes this config for that shape (shown "(pruned)")
+    pruned: object = None
     result: dict = field(default_factory=dict)
 
 
@@ -165,6 +167,22 @@ def gemv_grid(fn: object, bm: int, bn: int, bk: int):
     return lambda n, k, m: -(-n // bn)
 
 
+def autotune_pruned(module: object, tuned: str, m: int, bn: int, bk: int, w: int, st: int):
+    """(n, k, m) -> whether the autotuner `module.tuned` drops the config (BN, BK, warps, stages) for that
+    shape by its ``early_config_prune`` (None when it has none)."""
+    at = getattr(module, tuned, None)
+    prune = getattr(at, "early_config_prune", None)
+    if prune is None:
+        return None
+
+    def pruned(n: int, k: int, rows: int) -> bool:
+        kept = prune(at.configs, {"N": n, "K": k, "M": rows}, BLOCK_M=m)
+        return not any(c.kwargs.get("BLOCK_N") == bn and c.kwargs.get("BLOCK_K") == bk and c.num_warps == w
+                       and c.num_stages == st for c in kept)
+
+    return pruned
+
+
 def stages(fn: object, num_stages: int) -> dict[str, int]:
     """The NUM_STAGES constexpr (the K loop's ``tl.range(num_stages=...)``) of kernels that take it."""
     return {"NUM_STAGES": num_stages} if "NUM_STAGES" in fn.arg_names else {}
@@ -189,7 +207,8 @@ def legacy_jobs(only: set[str]) -> list[Job]:
                 out.append(Job(name, fn, {**h, "meta_ptr": "*i32"},
                                {"HAS_BIAS": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, **stages(fn, st)}, w,
                                st, m, bn * bk, "dense weight", gemv_grid(fn, m, bn, bk), 0.5,
-                               f"BN{bn} BK{bk} w{w} s{st}"))
+                               f"BN{bn} BK{bk} w{w} s{st}",
+                               pruned=autotune_pruned(t, "_gemv_24_tuned", m, bn, bk, w, st) if m == 1 else None))
         if "bitmap" in only:
             from sparsedial.kernels import triton_bitmap as t
 
@@ -250,19 +269,27 @@ def nested_jobs(m: int) -> list[Job]:
          "tile_off_ptr": "*i16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     tile = 128
     out = []
+    # ALIGN: the packs' run alignment (nested.DEFAULT_ALIGN, issue 14); kernels before it have no ALIGN
+    from sparsedial.kernels import nested
+
+    align = getattr(nested, "DEFAULT_ALIGN", 1)
     for bn, bj, w in t.COLS_SHAPES:
         fn = t._gemv_cols_kernel
+        st = getattr(t, "COLS_STAGES", 2)
+        extra = {"ALIGN": align} if "ALIGN" in fn.arg_names else {}
         out.append(Job("nested cols gemv", fn, {**h, "cols_ptr": "*u8", "ends_ptr": "*u8"},
                        {"HAS_BIAS": False, "TILE": tile, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_J": bj,
-                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {})}, w, 2, m,
-                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None, f"BN{bn} BJ{bj} w{w}",
+                        **({"HW_LOAD": True, "X_BITS": 16} if "HW_LOAD" in fn.arg_names else {}), **extra,
+                        **stages(fn, st)}, w, st, m,
+                       bn * bj, "stored value", gemv_grid(fn, m, bn, tile), None,
+                       f"BN{bn} BJ{bj} w{w}" + (f" s{st} A{align}" if extra else ""),
                        ffma_per_iter=max(1, m * bn * bj // (32 * w))))
     stages_levels = getattr(t, "LEVELS_STAGES", 2)
     for bn, w in t.LEVELS_SHAPES:
         fn = t._gemv_levels_kernel
         out.append(Job("nested levels gemv", fn, {**h, "planes_ptr": "*i32"},
                        {"HAS_BIAS": False, "TILE": tile, "NUM_PLANES": 3, "BLOCK_M": m, "BLOCK_N": bn,
-                        **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
+                        **({"ALIGN": align} if "ALIGN" in fn.arg_names else {}), **stages(fn, stages_levels)}, w, stages_levels, m, bn * tile, "dense weight",
                        gemv_grid(fn, m, bn, tile), None, f"BN{bn} w{w} s{stages_levels}"))
     return out
 
@@ -282,8 +309,9 @@ def table(rows: list[tuple[Job, int, dict]]) -> str:
             dense, stored = per, (per / job.stored_frac if job.stored_frac else None)
         else:
             dense, stored = None, per
-        progs = " | ".join(f"{job.grid(n, k, job.m) / SMS:.1f}" for n, k in SHAPES.values()) if arch == 90 else \
-            " | ".join("" for _ in SHAPES)
+        progs = " | ".join(f"{job.grid(n, k, job.m) / SMS:.1f}"
+                           + (" (pruned)" if job.pruned and job.pruned(n, k, job.m) else "")
+                           for n, k in SHAPES.values()) if arch == 90 else " | ".join("" for _ in SHAPES)
         spill = f" ({r['local']})" if r["local"] else ""
         lines.append(
             f"| {job.kernel} | {job.label} | {job.m} | sm_{arch} | {r['regs']}{spill} | "

@@ -57,6 +57,17 @@ def check_triton_device(x: torch.Tensor) -> None:
         )
 
 
+def gemv_output(x2: torch.Tensor, n: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [M, N] (dtype of x, uninitialised) and the bias pointer a kernel takes (y itself when no bias)."""
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+    return y, (bias.to(x2.dtype).contiguous() if bias is not None else y)
+
+
+def fill_bias(y: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y = bias broadcast over the rows (zeros without one): the result when there are no rows or no weights."""
+    y.copy_(bias.to(y.dtype).expand_as(y) if bias is not None else torch.zeros_like(y))
+
+
 # Split-K: below this many programs per SM (H100: 132 SMs) a GEMV splits K, so small-N layers still keep
 # every SM busy with several programs (latency hiding comes from programs in flight, not from the grid).
 NUM_SMS = 132

@@ -52,25 +52,48 @@ def split_k_grid(n: int, m: int, k: int, block_m: int, block_n: int, block_k: in
     return triton.cdiv(n, block_n), split, triton.cdiv(m, block_m)
 
 
-def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, **flags) -> None:
-    """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, BLOCK_K)``:
+def prune_under_two_waves(configs: list, named_args: dict, **kwargs: object) -> list:
+    """``early_config_prune`` of the split-K gemv autotuners: drop the configs whose grid (``split_k_grid``
+    with the config's BLOCK_N and BLOCK_K) stays under SPLIT_K_MIN_PROGRAMS (two programs per SM) on this
+    launch's N, K, M while some config reaches it (else keep every config)."""
+    n, k, m = named_args["N"], named_args["K"], named_args["M"]
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+
+    def programs(c) -> int:
+        gn, gs, gm = split_k_grid(n, m, k, block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+        return gn * gs * gm
+
+    kept = [c for c in configs if programs(c) >= SPLIT_K_MIN_PROGRAMS]
+    return kept or list(configs)
+
+
+def launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, device, config, block_m=None, step_k=None,
+                inner="BLOCK_K", **flags) -> None:
+    """Launch a split-K gemv kernel ``kernel(*ptrs, ws, locks, *rest, **flags, BLOCK_M, BLOCK_N, <inner>)``:
     autotuned over `shapes` [(BLOCK_N, BLOCK_K, ...)] when config is None, else with that tile (and its
     split_k, or the heuristic's). BLOCK_M = block_m, else config's, else all rows up to 8, so the weight is
-    read once for decode."""
+    read once for decode.
+
+    step_k: the K step split-K counts in, when it is fixed by the format (a format tile of the cols and
+    nested kernels) rather than the config's BLOCK_K. inner: the constexpr a config's block_k sets (BLOCK_K;
+    BLOCK_V / BLOCK_J for the entries a step of the cols / nested kernels; None: the kernel has none).
+    NUM_STAGES (the K loop's ``tl.range(num_stages)``) gets config.num_stages when the kernel takes it."""
     block_m = block_m or (config.block_m if config else min(next_power_of_2(m), 8))
     if config is not None:
-        grid = split_k_grid(n, m, k, block_m, config.block_n, config.block_k)
+        grid = split_k_grid(n, m, k, block_m, config.block_n, step_k or config.block_k)
         if config.split_k is not None:
             grid = (grid[0], config.split_k, grid[2])
         ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], device)
         if "NUM_STAGES" in kernel.arg_names:  # the K loop's tl.range(num_stages): cp.async stages
             flags = {**flags, "NUM_STAGES": config.num_stages}
-        kernel[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        if inner is not None:
+            flags = {**flags, inner: config.block_k}
+        kernel[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, BLOCK_N=config.block_n,
                      num_warps=config.num_warps, num_stages=config.num_stages, **flags)
         return
-    grids = [split_k_grid(n, m, k, block_m, bn, bk) for bn, bk, *_ in shapes]
+    grids = [split_k_grid(n, m, k, block_m, bn, step_k or bk) for bn, bk, *_ in shapes]
     ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), device)
-    grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], meta["BLOCK_K"])
+    grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], step_k or meta["BLOCK_K"])
     tuned[grid](*ptrs, ws, locks, *rest, BLOCK_M=block_m, **flags)
 
 

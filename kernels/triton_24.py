@@ -33,9 +33,17 @@ from ._launch import (
     check_triton_device,
     choose_path,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, launch_gemv, launch_tiled, split_k_range, store_split_k
+from ._triton_util import (
+    autotune_bench,
+    launch_gemv,
+    launch_tiled,
+    prune_under_two_waves,
+    split_k_range,
+    store_split_k,
+)
 from .formats import Packed24
 from .reference import check_linear_inputs
 
@@ -44,8 +52,12 @@ __all__ = ["linear_24_triton", "unpack_24_triton"]
 
 # Autotune candidates: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the gemv kernels (num_stages is also the K
 # loop's tl.range(num_stages): cp.async stages) and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for dot.
-# gather, M = 1: 8192 weights a step (32 values a thread), so split-K reaches two waves at N = 1024, K = 4096
-GEMV_SHAPES = [(16, 512, 4, 2), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 3)]
+# gather, M = 1: 8192 weights a step (32 values a thread), so split-K reaches two waves at N = 1024, K = 4096;
+# the 8-warp config (32 values a thread, 16384 weights a step) has the fewest SASS per dense weight (sm_90
+# 6.34, sm_80 6.36) at the same threads per SM, but under two programs per SM at N = 1024, K = 4096, where
+# prune_under_two_waves drops it (docs/benchmarks.md, "SASS"). 8 warps with 16 values a thread measured
+# 6.59-7.03 (sm_90) / 7.09-7.50 (sm_80) and were not kept.
+GEMV_SHAPES = [(16, 512, 4, 2), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 3), (32, 512, 8, 2)]
 EXPAND_SHAPES = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 3)]  # expand, 2..8
 # tensor-core gemv, M = 2..16 (BLOCK_M = 16): (BLOCK_N, BLOCK_K, num_warps, num_stages). Serves 2..TC_MAX_M rows
 # under path="auto" (2..8 by default, and 9..15 that would otherwise run the dot kernel; 16+ go to cuBLAS).
@@ -298,9 +310,8 @@ def unpack_24_triton(packed: Packed24) -> torch.Tensor:
 
 
 # Autotuned entry points (one tuning per weight shape and row bucket); the raw kernels take explicit tiles.
-_gemv_24_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
-    _gemv_24_kernel
-)
+_gemv_24_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench,
+                                 prune_configs_by={"early_config_prune": prune_under_two_waves})(_gemv_24_kernel)
 _gemv_24_expand_tuned = triton.autotune(configs=_expand_configs(), key=["N", "K", "BLOCK_M"],
                                         do_bench=autotune_bench)(_gemv_24_expand_kernel)
 _gemv_24_tc_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench)(
@@ -327,10 +338,9 @@ def linear_24_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    y, b = gemv_output(x2, n, bias)  # [M, N]; b: y as a dummy pointer when no bias
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
     if n * (k // 2) >= 2**31:
         raise ValueError(f"the 2:4 kernels use 32-bit offsets: N * K / 2 must be < 2**31, got {n} x {k}")
     kind = choose_path(path, m)

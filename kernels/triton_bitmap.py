@@ -28,7 +28,9 @@ from ._launch import (
     KernelPath,
     check_triton_device,
     choose_path,
+    fill_bias,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
 )
 from ._triton_util import autotune_bench, launch_gemv, launch_tiled, popcount32, split_k_range, store_split_k
@@ -253,11 +255,10 @@ def linear_bitmap_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    y, b = gemv_output(x2, n, bias)  # [M, N]; b: y as a dummy pointer when no bias
     if m == 0 or packed.nnz == 0:
-        y.copy_(bias.to(x.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        fill_bias(y, bias)
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
     offsets = packed.word_offsets if packed.word_offsets is not None else bitmap_word_offsets(packed.bitmap)
     kind = choose_path(path, m)
     if kind == "gemv":

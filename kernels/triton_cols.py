@@ -19,18 +19,17 @@ from ._launch import (
     KernelConfig,
     KernelPath,
     check_triton_device,
+    fill_bias,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
-    next_power_of_2,
-    split_k_buffers,
 )
-from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
+from ._triton_util import autotune_bench, gather_load, launch_gemv, store_split_k
 from .formats import COLS_TILE, PackedCols
 from .reference import check_linear_inputs
 
 __all__ = ["linear_cols_triton", "unpack_cols_triton"]
 
-GEMV_BLOCK_M = 8
 # (BLOCK_N, BLOCK_V, num_warps): BLOCK_V entries of each of BLOCK_N rows per inner step
 COLS_SHAPES = [(32, 128, 4), (16, 128, 4), (32, 64, 4), (8, 128, 2)]
 COLS_STAGES = 3
@@ -138,27 +137,14 @@ def linear_cols_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y, b = gemv_output(x2, n, bias)
     if m == 0 or packed.nnz == 0:
-        y.copy_(bias.to(x.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        fill_bias(y, bias)
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
-    block_m = config.block_m if config else min(GEMV_BLOCK_M, next_power_of_2(m))
-    args = (x2, packed.values, packed.cols, packed.run_ptr, b, y)
-    shape = (m, n, k, x2.stride(0), y.stride(0))
-    flags = {"HAS_BIAS": bias is not None, "HW_LOAD": not interpreter_enabled(), "X_BITS": 8 * x.element_size()}
-    if config is None:
-        bns = [16] if interpreter_enabled() else [bn for bn, *_ in COLS_SHAPES]
-        grids = [split_k_grid(n, m, k, block_m, bn, COLS_TILE) for bn in bns]
-        ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), x.device)
-        grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], COLS_TILE)
-        _gemv_cols_tuned[grid](*args, ws, locks, *shape, **flags, BLOCK_M=block_m)
-    else:
-        grid = split_k_grid(n, m, k, block_m, config.block_n, COLS_TILE)
-        if config.split_k is not None:
-            grid = (grid[0], config.split_k, grid[2])
-        ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], x.device)
-        _gemv_cols_kernel[grid](*args, ws, locks, *shape, **flags, BLOCK_M=block_m, BLOCK_N=config.block_n,
-                                BLOCK_V=config.block_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+    ptrs = (x2, packed.values, packed.cols, packed.run_ptr, b, y)
+    rest = (m, n, k, x2.stride(0), y.stride(0))
+    shapes = [(16, 16)] if interpreter_enabled() else COLS_SHAPES
+    launch_gemv(_gemv_cols_kernel, _gemv_cols_tuned, shapes, ptrs, rest, m, n, k, x.device, config,
+                step_k=COLS_TILE, inner="BLOCK_V", HAS_BIAS=bias is not None, HW_LOAD=not interpreter_enabled(),
+                X_BITS=8 * x.element_size())
     return y.reshape(*x.shape[:-1], n)

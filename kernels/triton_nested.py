@@ -10,7 +10,11 @@ one that reads fewer bytes):
 * ``cols`` (sparse tiers): per tile, the prefix length ``level_ends[k, n, t]`` of each row, then
   BLOCK_J values and their uint8 columns per step while any row of the block has some left; x is gathered
   at ``t * tile + col`` (x is small and stays in L1/L2; ``_triton_util.gather_load``). Work scales with the
-  tier's kept weights. Its loads are 1-2 byte loads at unaligned run starts, which Triton does not pipeline.
+  tier's kept weights. Runs start on ``packed.align`` entries (``nested`` module doc): the loop reads each
+  prefix rounded up to ALIGN entries (masks constant over ALIGN entries), so with ALIGN = 4 the values
+  (8 bytes) and columns (4 bytes) are cp.async copies of ``tl.range(num_stages)``; the entries past the
+  prefix (the next levels' values or padding) are zeroed in registers. ALIGN = 1 (unpadded packs) reads
+  1-2 byte loads, which Triton does not pipeline.
 * ``levels`` (dense tiers): per tile, the P level-code planes of each row ([BLOCK_N, tile / 32, P] words)
   are expanded to codes; a weight is kept iff code <= k. Its slot in the tile's level-major run is
   ``start[level] + (same-level weights before it)``. Both counts come from one scan: each kept weight
@@ -35,29 +39,32 @@ from ._launch import (
     KernelConfig,
     KernelPath,
     check_triton_device,
+    fill_bias,
     flatten_rows,
+    gemv_output,
     interpreter_enabled,
-    split_k_buffers,
 )
-from ._triton_util import autotune_bench, gather_load, split_k_grid, store_split_k
+from ._triton_util import autotune_bench, gather_load, launch_gemv, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs
 
 __all__ = ["linear_nested_triton"]
 
-# Most rows of x one program serves (the weight is read once for all of them), as the other gemv kernels.
-GEMV_BLOCK_M = 8
 # Autotune candidates: (BLOCK_N, BLOCK_J, num_warps) for cols, (BLOCK_N, num_warps) for levels (the K step
-# is the format tile). Small row blocks keep N / BLOCK_N >= 256 programs at N = 4096.
-COLS_SHAPES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 64, 4), (16, 16, 4)]
+# is the format tile). Small row blocks keep N / BLOCK_N >= 256 programs at N = 4096. Cols tiles hold 8
+# entries a thread (BLOCK_N * BLOCK_J = 256 * num_warps): two aligned 4-entry vectors, each an 8-byte value
+# and a 4-byte column cp.async (fewer entries a thread make the column loads 1-2 bytes again).
+COLS_SHAPES = [(8, 32, 1), (4, 64, 1), (16, 32, 2), (8, 64, 2), (16, 64, 4)]
 LEVELS_SHAPES = [(2, 4), (4, 4), (8, 4), (16, 8)]  # (16, 4) spills at BLOCK_M = 8 (ptxas, sm_90)
 LEVELS_STAGES = 3  # the levels loop's tl.range(num_stages): cp.async of the plane words and the x tile
+COLS_STAGES = 2  # the cols inner loop's tl.range(num_stages): cp.async of values and columns (ALIGN >= 4)
 
 
 def _cols_configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune crashes in the interpreter: one small config
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=2) for bn, bj, w in COLS_SHAPES]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32, "NUM_STAGES": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "NUM_STAGES": COLS_STAGES}, num_warps=w,
+                          num_stages=COLS_STAGES) for bn, bj, w in COLS_SHAPES]
 
 
 def _levels_configs() -> list[triton.Config]:
@@ -79,8 +86,8 @@ def _split_tiles(n_tiles, pid_s, SPLIT_K):
 def _gemv_cols_kernel(
     x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, TIER,
-    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, HW_LOAD: tl.constexpr, X_BITS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # ends_ptr is level_ends[TIER]: [N, tiles] prefix lengths of this tier (TIER only keys the autotuning).
     # Split-K over the format tiles (grid axis 1, _triton_util.store_split_k); 32-bit value indices (the
@@ -102,12 +109,15 @@ def _gemv_cols_kernel(
     for t in range(t_lo, t_hi):
         off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
         length = tl.load(ends_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32)  # [BN] prefix lengths
-        start = (row_start + off)[:, None]  # [BN, 1]
-        for j0 in range(0, tl.max(length, axis=0), BLOCK_J):
+        start = tl.multiple_of(row_start + off, ALIGN)[:, None]  # [BN, 1]: runs start on ALIGN entries
+        # the prefix rounded up to ALIGN entries: stays inside the (padded) run, masks constant over ALIGN
+        length_a = tl.multiple_of((length + (ALIGN - 1)) // ALIGN * ALIGN, ALIGN)
+        for j0 in tl.range(0, tl.max(length_a, axis=0), BLOCK_J, num_stages=NUM_STAGES):
             j = j0 + tl.arange(0, BLOCK_J)
-            j_mask = j[None, :] < length[:, None]  # [BN, BJ]
+            j_mask = j[None, :] < length_a[:, None]  # [BN, BJ]
             v = tl.load(values_ptr + start + j[None, :], mask=j_mask, other=0.0)
             col = tl.load(cols_ptr + start + j[None, :], mask=j_mask, other=0).to(tl.int32)
+            v = tl.where(j[None, :] < length[:, None], v, 0.0)  # past the tier's prefix: next levels, padding
             xv = gather_load(x_rows + (t * TILE + col)[None, :, :], HW_LOAD, X_BITS)
             acc3 += v.to(tl.float32)[None, :, :] * xv.to(tl.float32)  # [BM, BN, BJ]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
@@ -212,42 +222,25 @@ def linear_nested_triton(
     n, k = packed.shape
     x2 = flatten_rows(x)  # [M, K]
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    y, b = gemv_output(x2, n, bias)
     if m == 0 or packed.tier_nnz[tier] == 0:
-        y.copy_(bias.to(x.dtype).expand(m, n) if bias is not None else torch.zeros_like(y))
+        fill_bias(y, bias)
         return y.reshape(*x.shape[:-1], n)
-    b = bias.to(x.dtype).contiguous() if bias is not None else y  # dummy pointer when no bias
-    block_m = config.block_m if config else min(GEMV_BLOCK_M, triton.next_power_of_2(m))
-    flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile, "BLOCK_M": block_m}
-    shape = (m, n, k, x2.stride(0), y.stride(0), tier)
+    rest = (m, n, k, x2.stride(0), y.stride(0), tier)
+    flags = {"HAS_BIAS": bias is not None, "TILE": packed.tile}
     if index == "cols":
         if packed.values.numel() >= 2**31 or n * -(-k // packed.tile) >= 2**31:
             raise ValueError("the nested cols kernel uses 32-bit offsets: values and N * tiles must be < 2**31")
-        flags.update(HW_LOAD=not interpreter_enabled(), X_BITS=8 * x.element_size())
+        flags.update(HW_LOAD=not interpreter_enabled(), X_BITS=8 * x.element_size(), ALIGN=packed.align)
         ends = packed.level_ends[tier]  # [N, tiles]: the only slice of level_ends this tier reads
-        args = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
-        kernel, tuned = _gemv_cols_kernel, _gemv_cols_tuned
-        tile = {"BLOCK_J": config.block_k} if config else {}
+        ptrs = (x2, packed.values, packed.cols, packed.row_ptr, packed.tile_offsets, ends, b, y)
+        kernel, tuned, shapes, inner = _gemv_cols_kernel, _gemv_cols_tuned, COLS_SHAPES, "BLOCK_J"
     else:
-        args = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
-        kernel, tuned, tile = _gemv_levels_kernel, _gemv_levels_tuned, {}
+        ptrs = (x2, packed.values, packed.planes, packed.row_ptr, packed.tile_offsets, b, y)
+        kernel, tuned, shapes, inner = _gemv_levels_kernel, _gemv_levels_tuned, LEVELS_SHAPES, None
         flags["NUM_PLANES"] = packed.num_planes
-    tile_k = packed.tile  # split-K unit: one format tile
-    if config is None:
-        bns = [bn for bn, *_ in (COLS_SHAPES if index == "cols" else LEVELS_SHAPES)]
-        if interpreter_enabled():
-            bns = [16]
-        grids = [split_k_grid(n, m, k, block_m, bn, tile_k) for bn in bns]
-        ws, locks = split_k_buffers(m, n, max(g[1] for g in grids), max(g[0] * g[2] for g in grids), x.device)
-        grid = lambda meta: split_k_grid(n, m, k, block_m, meta["BLOCK_N"], tile_k)
-        tuned[grid](*args, ws, locks, *shape, **flags)
-    else:
-        grid = split_k_grid(n, m, k, block_m, config.block_n, tile_k)
-        if config.split_k is not None:
-            grid = (grid[0], config.split_k, grid[2])
-        ws, locks = split_k_buffers(m, n, grid[1], grid[0] * grid[2], x.device)
-        if index == "levels":
-            tile["NUM_STAGES"] = config.num_stages
-        kernel[grid](*args, ws, locks, *shape, **flags, **tile, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                     num_stages=config.num_stages)
+    if interpreter_enabled():
+        shapes = [(16, 0)]  # the one interpreter config's BLOCK_N (the K step is the format tile)
+    launch_gemv(kernel, tuned, shapes, ptrs, rest, m, n, k, x.device, config, step_k=packed.tile, inner=inner,
+                **flags)
     return y.reshape(*x.shape[:-1], n)

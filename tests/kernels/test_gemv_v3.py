@@ -69,6 +69,22 @@ def test_split_k_grid() -> None:
     assert split_k_grid(64, 1, 65536, 1, 64, 64)[1] == 32  # one tile: capped at SPLIT_K_WAVES_MAX
 
 
+@needs_triton
+def test_prune_under_two_waves() -> None:
+    """The 2:4 gather autotuner drops configs under 2 programs per SM (264 on 132 SMs) when another reaches it."""
+    import triton
+    from sparsedial.kernels._triton_util import prune_under_two_waves
+
+    small = triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4)  # 8192 weights a step
+    big = triton.Config({"BLOCK_N": 32, "BLOCK_K": 512}, num_warps=8)  # 16384 weights a step
+    # 1024 x 4096: small -> 64 tiles x 8 splits = 512 programs; big -> 32 tiles x 8 splits (one K step each) = 256
+    assert prune_under_two_waves([small, big], {"N": 1024, "K": 4096, "M": 1}, BLOCK_M=1) == [small]
+    # 4096 x 4096: big -> 128 tiles x 4 splits = 512 programs, kept
+    assert prune_under_two_waves([small, big], {"N": 4096, "K": 4096, "M": 1}, BLOCK_M=1) == [small, big]
+    # 64 x 512: one K step, 4 or 2 tiles, no split: neither reaches 264, so both are kept
+    assert prune_under_two_waves([small, big], {"N": 64, "K": 512, "M": 1}, BLOCK_M=1) == [small, big]
+
+
 # 2:4 tensor-core gemv (BLOCK_M = 16, W on the MMA's M side): name -> (M, N, K, bias, BLOCK_N, BLOCK_K, split_k)
 TC_CASES = {
     "m2_split1_bias": (2, 33, 100, True, 16, 64, 1),

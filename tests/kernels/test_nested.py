@@ -8,6 +8,7 @@ only). Tolerances are those of test_kernels.py (fp32 accumulation, one rounding 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,31 +60,44 @@ def masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ---- pack / unpack ---------------------------------------------------------------------------------
 
 
+def padded_entries(mask: torch.Tensor, tile: int, align: int) -> torch.Tensor:
+    """[N, tiles] entries a run of `mask`'s kept weights takes when padded to a multiple of `align`."""
+    n, k = mask.shape
+    tiles = -(-k // tile)
+    per_tile = torch.nn.functional.pad(mask, (0, tiles * tile - k)).reshape(n, tiles, tile).sum(dim=-1)
+    return -(-per_tile // align) * align
+
+
+@pytest.mark.parametrize("align", [1, 4, 8])
 @pytest.mark.parametrize("index", ["both", "cols", "levels"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize(("shape", "tile"), [((1, 1), 32), ((3, 31), 32), ((5, 200), 64), ((17, 300), 128)],
                          ids=str)
 def test_round_trip_every_tier_is_bit_exact(
-    shape: tuple[int, int], tile: int, dtype: torch.dtype, index: str
+    shape: tuple[int, int], tile: int, dtype: torch.dtype, index: str, align: int
 ) -> None:
     gen = torch.Generator().manual_seed(shape[1])
     w = torch.randn(*shape, generator=gen).to(dtype)
     masks = rank_masks(*shape, TIER_SPARSITIES, gen)
-    packed = pack_nested(w, masks, tile=tile, index=index)
-    assert packed.num_tiers == 7 and packed.num_planes == 3
+    packed = pack_nested(w, masks, tile=tile, index=index, align=align)
+    assert packed.num_tiers == 7 and packed.num_planes == 3 and packed.align == align
     assert packed.tier_nnz == tuple(int(m.sum()) for m in masks)
-    assert packed.values.numel() == packed.tier_nnz[-1]
+    # every (row, tile) run of the densest tier padded to a multiple of align (align 1: no padding)
+    assert packed.values.numel() == int(padded_entries(masks[-1], tile, align).sum())
+    if align == 1:
+        assert packed.values.numel() == packed.tier_nnz[-1]
     for tier, mask in enumerate(masks):
         assert bit_equal(unpack_nested(packed, tier), masked(w, mask)), tier
 
 
+@pytest.mark.parametrize("align", [1, 2, 4, 8])
 @pytest.mark.parametrize("tiers", [1, 2, 3, 8])
-def test_round_trip_tier_counts(tiers: int) -> None:
+def test_round_trip_tier_counts(tiers: int, align: int) -> None:
     gen = torch.Generator().manual_seed(tiers)
     w = torch.randn(6, 70, generator=gen, dtype=torch.float16)
     masks = level_masks(6, 70, tiers, gen)
     for index in ("cols", "levels"):
-        packed = pack_nested(w, masks, tile=32, index=index)
+        packed = pack_nested(w, masks, tile=32, index=index, align=align)
         assert packed.num_planes == tiers.bit_length()
         for tier, mask in enumerate(masks):
             assert bit_equal(unpack_nested(packed, tier), masked(w, mask))
@@ -103,7 +117,7 @@ def test_layout_tier_values_are_a_prefix_of_every_tile() -> None:
     w = torch.arange(1, 9, dtype=torch.float32).reshape(1, 8)
     masks = [torch.tensor([[0, 0, 0, 1, 0, 0, 0, 0]], dtype=torch.bool),
              torch.tensor([[0, 1, 0, 1, 0, 0, 1, 0]], dtype=torch.bool)]
-    packed = pack_nested(w, masks, tile=32)
+    packed = pack_nested(w, masks, tile=32, align=1)
     assert packed.values.tolist() == [4.0, 2.0, 7.0]  # level 0 (input 3), then level 1 (inputs 1, 6)
     assert packed.cols.tolist() == [3, 1, 6] and packed.cols.dtype == torch.uint8
     assert packed.level_ends[:, 0, 0].tolist() == [1, 3]
@@ -111,6 +125,66 @@ def test_layout_tier_values_are_a_prefix_of_every_tile() -> None:
     # level codes: input 3 -> 0, inputs 1, 6 -> 1, the rest (and the padding) -> 2 (never)
     codes = [(packed.planes[0, 0, 0] >> c) & 1 | ((packed.planes[0, 0, 1] >> c) & 1) << 1 for c in range(8)]
     assert [int(c) for c in codes] == [2, 1, 2, 0, 2, 2, 1, 2]
+
+
+def test_layout_aligned_runs_are_padded_with_zeros() -> None:
+    """align=4, by hand: each (row, tile) run is followed by +0.0 / column-0 entries up to a multiple of 4,
+    the tile offsets and row pointers count the padding, and tier prefixes (level_ends) do not."""
+    w = torch.arange(1, 41, dtype=torch.float32).reshape(1, 40)  # weight of input c is c + 1
+    keep0 = torch.zeros(1, 40, dtype=torch.bool)
+    keep0[0, [3, 35]] = True
+    keep1 = keep0.clone()
+    keep1[0, [1, 6, 33, 34, 38, 39]] = True
+    packed = pack_nested(w, [keep0, keep1], tile=32, align=4, index="both")
+    # tile 0 (inputs 0..31): level 0 = input 3, level 1 = inputs 1, 6 -> 3 values + 1 pad
+    # tile 1 (inputs 32..39): level 0 = input 35, level 1 = 33, 34, 38, 39 -> 5 values + 3 pad
+    assert packed.values.tolist() == [4.0, 2.0, 7.0, 0.0, 36.0, 34.0, 35.0, 39.0, 40.0, 0.0, 0.0, 0.0]
+    assert packed.cols.tolist() == [3, 1, 6, 0, 3, 1, 2, 6, 7, 0, 0, 0]
+    assert packed.row_ptr.tolist() == [0, 12]
+    assert packed.tile_offsets.tolist() == [[0, 4]]
+    assert packed.level_ends[:, 0].tolist() == [[1, 1], [3, 5]]
+    assert packed.tier_nnz == (2, 8)
+    assert packed.read_bytes(0, "cols") == (4 + 4) * 5 + 16 + 4 + 2  # two 4-entry prefixes + tables
+    assert packed.read_bytes(1, "cols") == (4 + 8) * 5 + 16 + 4 + 2
+    assert packed.read_bytes(1, "levels") == 8 * 4 + 16 + 4 + packed.planes.nbytes  # kept values only
+    for tier, mask in enumerate([keep0, keep1]):
+        assert bit_equal(unpack_nested(packed, tier), masked(w, mask))
+
+
+@pytest.mark.parametrize("index", ["cols", "levels"])
+def test_unpack_ignores_padding_entries(index: str) -> None:
+    """Garbage in the padding entries never reaches a tier: unpack reads only each run's kept prefix."""
+    gen = torch.Generator().manual_seed(21)
+    w = torch.randn(5, 100, generator=gen).to(torch.float16)
+    masks = level_masks(5, 100, 3, gen)
+    packed = pack_nested(w, masks, tile=32, index=index, align=8)
+    real = torch.zeros(packed.values.numel(), dtype=torch.bool)
+    starts = packed.row_ptr[:-1, None] + (packed.tile_offsets.to(torch.int64) & 0xFFFF)
+    counts = padded_entries(masks[-1], 32, 1)
+    for s0, c in zip(starts.flatten().tolist(), counts.flatten().tolist(), strict=True):
+        assert s0 % 8 == 0
+        real[s0:s0 + c] = True
+    assert (packed.values[~real] == 0).all()
+    garbage = replace(packed, values=torch.where(real, packed.values, torch.full_like(packed.values, 1000.0)))
+    for tier, mask in enumerate(masks):
+        assert bit_equal(unpack_nested(garbage, tier), masked(w, mask))
+
+
+def test_aligned_bytes_per_weight() -> None:
+    """align=4: the cols read is each tile's tier prefix rounded up to 4 entries (3 bytes each), counted from
+    the masks; the levels read and the tables do not change; stored values include the padding."""
+    n, k = 16, 1024
+    masks = rank_masks(n, k, TIER_SPARSITIES, torch.Generator().manual_seed(5))
+    w = torch.randn(n, k, dtype=torch.float16)
+    p1, p4 = pack_nested(w, masks, align=1), pack_nested(w, masks, align=4)
+    tables = 2 * (n * k // 128) + 8 * (n + 1)
+    for tier, mask in enumerate(masks):
+        entries = int(padded_entries(mask, 128, 4).sum())
+        assert p4.read_bytes(tier, "cols") == 3 * entries + tables + n * k // 128
+        assert p4.read_bytes(tier, "levels") == p1.read_bytes(tier, "levels")
+        assert 0 <= p4.read_bytes(tier, "cols") - p1.read_bytes(tier, "cols") <= 3 * 3 * n * k // 128
+    pad = int(padded_entries(masks[-1], 128, 4).sum()) - p1.tier_nnz[-1]
+    assert p4.nbytes - p1.nbytes == 3 * pad and pad > 0
 
 
 def test_two_index_packs_share_the_same_values() -> None:
@@ -129,7 +203,7 @@ def test_two_index_packs_share_the_same_values() -> None:
 def test_bytes_per_weight() -> None:
     n, k = 64, 4096
     masks = rank_masks(n, k, TIER_SPARSITIES, torch.Generator().manual_seed(0))  # exact per-row counts
-    packed = pack_nested(torch.randn(n, k, dtype=torch.float16), masks)  # tile 128, 3 planes
+    packed = pack_nested(torch.randn(n, k, dtype=torch.float16), masks, align=1)  # tile 128, 3 planes
     tables = 2 / 128 + 8 * (n + 1) / (n * k)  # tile offsets + row pointers
     for tier, s in enumerate(TIER_SPARSITIES):
         d = int(k * (1 - s)) / k
@@ -157,9 +231,12 @@ def test_bytes_per_weight() -> None:
         (torch.ones(2, 40, dtype=torch.bool), {}, r"\[T, N, K\]"),
         ([torch.ones(2, 40, dtype=torch.bool)], {"tile": 256}, "tile must be one of"),
         ([torch.ones(2, 40, dtype=torch.bool)], {"index": "bitmap"}, "index must be"),
+        ([torch.ones(2, 40, dtype=torch.bool)], {"align": 3}, "align must be one of"),
+        ([torch.ones(2, 40, dtype=torch.bool)], {"align": 16}, "align must be one of"),
+        ([torch.ones(2, 40, dtype=torch.bool)], {"align": True}, "align must be one of"),
     ],
     ids=["densest_first", "not_nested", "no_masks", "nine_tiers", "mask_shape", "none_mask", "2d_tensor",
-         "tile_256", "bad_index"],
+         "tile_256", "bad_index", "align_3", "align_16", "align_bool"],
 )
 def test_pack_rejects_bad_input(masks: object, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -331,6 +408,51 @@ def test_explicit_tiles(index: str, tile: tuple[int, int, int], device: torch.de
     for tier in (1, 5):
         y = linear_nested_triton(x, packed, tier, b, index=index, config=KernelConfig(*tile))
         assert_matches(y, refs[tier], torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("align", [1, 2, 8])
+@pytest.mark.parametrize("index", ["cols", "levels"])
+def test_kernel_other_alignments(align: int, index: str, device: torch.device) -> None:
+    """Packs of every run alignment (the default, 4, runs in the tests above) against the float64 reference."""
+    from sparsedial.kernels.triton_nested import linear_nested_triton
+
+    gen = torch.Generator().manual_seed(30 + align)
+    w, x, b = torch.randn(24, 100, generator=gen), torch.randn(3, 100, generator=gen), torch.randn(24, generator=gen)
+    masks = level_masks(24, 100, 4, gen)
+    packed = pack_nested(w, masks, tile=32, align=align).to(device)
+    for tier in range(4):
+        ref = x.double() @ (w.double() * masks[tier]).T + b.double()
+        y = linear_nested_triton(x.to(device), packed, tier, b.to(device), index=index)
+        assert_matches(y, ref, torch.float32)
+
+
+@needs_triton
+def test_kernel_rounded_prefix_skips_next_levels_and_padding(device: torch.device) -> None:
+    """By hand, align 4: tier 0 keeps one weight a tile, so the kernel's 4-entry read of each prefix also
+    covers level-1 values and padding, which must not count; the padding is filled with garbage."""
+    from sparsedial.kernels.triton_nested import linear_nested_triton
+
+    w = torch.zeros(2, 64)
+    w[0, 5], w[0, 9], w[0, 40], w[0, 41] = 2.0, 100.0, 300.0, 3.0  # row 0: level 0 at 5 and 41
+    w[1, 0], w[1, 63] = 1000.0, -4.0  # row 1: level 1 at 0, level 0 at 63
+    keep0 = torch.zeros(2, 64, dtype=torch.bool)
+    keep0[0, [5, 41]] = True
+    keep0[1, 63] = True
+    keep1 = keep0 | (w != 0)
+    packed = pack_nested(w, [keep0, keep1], tile=32, align=4, index="cols")
+    # runs (row, tile), each padded to 4 entries: (0, 0) = [2, 100], (0, 1) = [3, 300], (1, 0) = [1000], (1, 1) = [-4]
+    assert packed.row_ptr.tolist() == [0, 8, 16] and packed.tile_offsets.tolist() == [[0, 4], [0, 4]]
+    pad = torch.ones(packed.values.numel(), dtype=torch.bool)
+    pad[[0, 1, 4, 5, 8, 12]] = False
+    assert packed.values[~pad].tolist() == [2.0, 100.0, 3.0, 300.0, 1000.0, -4.0]
+    assert packed.level_ends[0].tolist() == [[1, 1], [0, 1]]
+    garbage = replace(packed, values=torch.where(pad, torch.full_like(packed.values, 1e4), packed.values)).to(device)
+    x = torch.arange(1, 65, dtype=torch.float32)[None, :]  # x[c] = c + 1
+    y0 = linear_nested_triton(x.to(device), garbage, 0, index="cols").cpu()
+    y1 = linear_nested_triton(x.to(device), garbage, 1, index="cols").cpu()
+    assert y0.tolist() == [[2.0 * 6 + 3.0 * 42, -4.0 * 64]]
+    assert y1.tolist() == [[2.0 * 6 + 100.0 * 10 + 300.0 * 41 + 3.0 * 42, 1000.0 * 1 - 4.0 * 64]]
 
 
 @needs_triton

@@ -77,10 +77,10 @@ def eval_windows(ids: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_ppl(logits_fn, windows: torch.Tensor, batch_size: int = 4) -> float:
+def window_ppl(logits_fn, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> float:
     total = 0.0
     for i in range(0, windows.shape[0], batch_size):
-        x = windows[i : i + batch_size]
+        x = windows[i : i + batch_size].to(device)
         logits = logits_fn(x[:, :-1]).float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
     return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
@@ -112,7 +112,7 @@ def epts_config(args) -> EPTSConfig:
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = load_model(args.model, dtype="float32")
+    base = load_model(args.model, dtype="float32", device=args.device)
     data = texts_and_tokens(base.tokenizer, args)
     calib_cfg = CalibrationConfig("evaltext calibration splits (prose + code)", args.calib_samples,
                                   args.calib_seq_len, seed=0)
@@ -121,7 +121,7 @@ def run(args) -> None:
               "versions": evaltext.versions()}
 
     def ppl(model) -> dict:
-        return {k: window_ppl(model, w) for k, w in data["eval"].items()}
+        return {k: window_ppl(model, w, device=args.device) for k, w in data["eval"].items()}
 
     for method in args.methods.split(","):
         res = load_results(args, method)
@@ -140,14 +140,14 @@ def run(args) -> None:
                 cfg = PruneConfig(method=method, nm=(2, 4)) if tier == "2:4" else \
                     PruneConfig(method=method, sparsity=int(tier[:-1]) / 100)
                 t0 = time.perf_counter()
-                prune(model, cfg, data["calib"] if method != "magnitude" else None, progress=False)
+                prune(model, cfg, data["calib"].to(args.device) if method != "magnitude" else None, progress=False)
                 wall = time.perf_counter() - t0
                 res["tiers"][tier] = {**ppl(model), "wall_s": wall, "sparsity": overall_sparsity(model)}
                 save_results(args, method, res)
                 print(method, tier, res["tiers"][tier], flush=True)
                 del model
         elif method == "nested-wanda":  # the EPTS run's masks without its LoRA: what the training adds
-            lm, spec, tensors = load_elastic_for_eval(Path(args.work) / "epts", loaded=base,
+            lm, spec, tensors = load_elastic_for_eval(Path(args.work) / "epts", loaded=base, device=args.device,
                                                       allow_external_base=True)
             res["source"] = "the masks of the epts run, LoRA groups off"
             for tier in spec.tiers[1:]:
@@ -164,12 +164,14 @@ def run(args) -> None:
             if "wall_s" not in res:
                 t0 = time.perf_counter()
                 r = compress_epts(args.model, out, ["dense", *TIERS], calib_cfg, cfg, link_base=True,
-                                  progress=True, calib_tokens=data["calib"], chain=args.chain)
+                                  progress=True, calib_tokens=data["calib"], chain=args.chain,
+                                  device=args.device)
                 res.update({"wall_s": r.wall_s, "wall_s_this_process": time.perf_counter() - t0,
                             "elastic_bytes": (out / "elastic.safetensors").stat().st_size,
                             "config": {**json.loads(json.dumps(asdict(cfg))), "chain": args.chain}})
                 save_results(args, method, res)
-            lm, spec, tensors = load_elastic_for_eval(out, loaded=base, allow_external_base=True)
+            lm, spec, tensors = load_elastic_for_eval(out, loaded=base, allow_external_base=True,
+                                                      device=args.device)
             order = args.tiers.split(",")  # evaluation order (the most telling tiers first on a short budget)
             for tier in sorted(spec.tiers[1:], key=lambda t: order.index(t.name) if t.name in order else 99):
                 if tier.name in res["tiers"]:
@@ -209,7 +211,8 @@ def hf_check(args) -> None:
 
 # ------------------------------------------------------------------------------------------- reporting
 LABELS = {"nested-wanda": "nested Wanda (no LoRA)", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-          "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-ep8": "EPTS (8 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)"}
+          "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-ep8": "EPTS (8 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)",
+          "epts-own8": "EPTS (8 epochs, own streams)", "epts-band8": "EPTS (8 epochs, band streams)"}
 
 
 def collect(args) -> dict:
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chain", action="store_true")
     ap.add_argument("--epts-extra", default="", help="more EPTSConfig fields as JSON")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="run: where the models run (cpu, cuda)")
     ap.add_argument("--tier", default="70%", help="hf-check: the tier to export")
     ap.add_argument("--epts-name", default="epts-ep8", help="hf-check: the EPTS run to export from")
     ap.add_argument("--epts-names", default="epts-ep8,epts-ep2,epts,epts-msfm70,nested-wanda",

@@ -57,14 +57,15 @@ wheel: setup
 
 # Compression quality on SmolLM2-135M (docs/quality.md, "SmolLM2-135M-Instruct: every method and tier"): per-tier
 # magnitude, Wanda and SparseGPT, one EPTS run for all tiers, an exported tier checked through transformers.
-# Needs `make smollm2` and the Debian package python3-doc; EPTS (8 epochs) took 48 min on the idle 2-core machine,
+# Needs `make smollm2` and the Debian package python3-doc; EPTS (8 epochs, one input stream per sparsity band) took
+# 50 min on the 2-core machine,
 # the per-tier baselines add more (docs/quality.md); resumable (rerun to continue).
 SMOLLM2_QUALITY = $(PY) benchmarks/bench_quality_smollm2.py
 smollm2-quality: setup
 	@test -d $(SMOLLM2_DIR) || { echo "run 'make smollm2' first"; exit 1; }
 	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods dense,sparsegpt,wanda,magnitude
-	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods epts-ep8 --epochs 8
-	$(SMOLLM2_QUALITY) hf-check --model $(SMOLLM2_DIR) --epts-name epts-ep8 --tier 70%
+	$(SMOLLM2_QUALITY) run --model $(SMOLLM2_DIR) --methods epts-band8 --epochs 8 --epts-extra '{"streams": "band"}'
+	$(SMOLLM2_QUALITY) hf-check --model $(SMOLLM2_DIR) --epts-name epts-band8 --tier 70%
 	$(SMOLLM2_QUALITY) report
 
 # The larger recipe for a machine with a CUDA GPU (never run yet: no GPU has been lent to this work, see
@@ -77,7 +78,7 @@ smollm2-quality-gpu: setup
 	@test -d $(SMOLLM2_DIR) || { echo "run 'make smollm2' first"; exit 1; }
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'smollm2-quality-gpu: torch sees no CUDA GPU')"
 	$(SMOLLM2_QUALITY) run $(SMOLLM2_GPU) --methods dense,sparsegpt,wanda,magnitude
-	$(SMOLLM2_QUALITY) run $(SMOLLM2_GPU) --methods epts-gpu --epochs 16
+	$(SMOLLM2_QUALITY) run $(SMOLLM2_GPU) --methods epts-gpu --epochs 16 --epts-extra '{"streams": "band"}'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

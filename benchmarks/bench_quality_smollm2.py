@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="run: where the models run (cpu, cuda)")
     ap.add_argument("--tier", default="70%", help="hf-check: the tier to export")
-    ap.add_argument("--epts-name", default="epts-ep8", help="hf-check: the EPTS run to export from")
-    ap.add_argument("--epts-names", default="epts-ep8,epts-ep2,epts,epts-msfm70,nested-wanda",
+    ap.add_argument("--epts-name", default="epts-band8", help="hf-check: the EPTS run to export from")
+    ap.add_argument("--epts-names", default="epts-band8,epts-own8,epts-ep8,epts-ep2,epts,epts-msfm70,nested-wanda",
                     help="report: EPTS runs (and nested-wanda) to show; the first is compared with SparseGPT")
     args = ap.parse_args(argv)
     try:

@@ -3,6 +3,7 @@
     python benchmarks/bench_quality_smollm2.py run --methods dense,sparsegpt,wanda,magnitude   # per-tier baselines
     python benchmarks/bench_quality_smollm2.py run --methods epts                              # one EPTS run, all tiers
     python benchmarks/bench_quality_smollm2.py hf-check --tier 70%    # an exported tier through transformers
+    python benchmarks/bench_quality_smollm2.py lora0 --tiers 30%,35%,40% --off-below 0,0.3,0.4   # LoRA_0 on/off
     python benchmarks/bench_quality_smollm2.py report                 # docs/quality_smollm2.json, .md table, plot
 
 Text (sparsedial.evaltext): CPython's documentation (Debian python3-doc) for prose, pip's `_internal` source
@@ -209,6 +210,32 @@ def hf_check(args) -> None:
     print(json.dumps(res, indent=2))
 
 
+def lora0_check(args) -> None:
+    """Tiers of one EPTS checkpoint with LoRA_0's off-threshold (elastic.json `lora0_off_below`, read when a
+    tier is built; training never reads it) set to each of --off-below: the same trained tensors, served
+    with LoRA_0 on or off at the low tiers. Results in RUNS/results/lora0-<run>.json."""
+    from sparsedial.engine.tiers import parse_tier_name
+
+    torch.set_num_threads(args.threads)
+    base = load_model(args.model, dtype="float32", device=args.device)
+    data = texts_and_tokens(base.tokenizer, args)
+    lm, spec, tensors = load_elastic_for_eval(Path(args.work) / args.epts_name, loaded=base,
+                                              allow_external_base=True, device=args.device)
+    name = f"lora0-{args.epts_name}"
+    res = load_results(args, name)
+    res.update({"machine": machine(), "epts_run": args.epts_name, "recorded_off_below": spec.lora0_off_below})
+    for below in (float(b) for b in args.off_below.split(",")):
+        sp = dataclasses.replace(spec, lora0_off_below=below)
+        for t in args.tiers.split(","):
+            key = f"{t}@{below:g}"
+            if key in res["tiers"]:
+                continue
+            with tier_weights(lm.model, sp, tensors, parse_tier_name(t, sp.groups)) as m:
+                res["tiers"][key] = {k: window_ppl(m, w, device=args.device) for k, w in data["eval"].items()}
+            save_results(args, name, res)
+            print(name, key, res["tiers"][key], flush=True)
+
+
 # ------------------------------------------------------------------------------------------- reporting
 LABELS = {"nested-wanda": "nested Wanda (no LoRA)", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
           "epts": "EPTS (1 epoch)", "epts-ep2": "EPTS (2 epochs)", "epts-ep8": "EPTS (8 epochs)", "epts-msfm70": "EPTS (1 epoch, mix <= 70%)",
@@ -365,7 +392,7 @@ def report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=("run", "hf-check", "report"))
+    ap.add_argument("cmd", choices=("run", "hf-check", "lora0", "report"))
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-instruct")
     ap.add_argument("--work", default=str(ROOT / "runs" / "smollm2-quality"))
     ap.add_argument("--methods", default="dense,sparsegpt,wanda,magnitude,epts")
@@ -383,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="run: where the models run (cpu, cuda)")
     ap.add_argument("--tier", default="70%", help="hf-check: the tier to export")
+    ap.add_argument("--off-below", default="0.3,0.4", help="lora0: LoRA_0 off-thresholds to serve the tiers with")
     ap.add_argument("--epts-name", default="epts-band8", help="hf-check: the EPTS run to export from")
     ap.add_argument("--epts-names", default="epts-band8,epts-own8,epts-ep8,epts-ep2,epts,epts-msfm70,nested-wanda",
                     help="report: EPTS runs (and nested-wanda) to show; the first is compared with SparseGPT")
     args = ap.parse_args(argv)
     try:
-        {"run": run, "hf-check": hf_check, "report": report}[args.cmd](args)
+        {"run": run, "hf-check": hf_check, "lora0": lora0_check, "report": report}[args.cmd](args)
     except evaltext.EvalTextMissing as e:
         raise SystemExit(f"bench_quality_smollm2: {e}") from None
     return 0

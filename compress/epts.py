@@ -10,8 +10,9 @@ mix of this block's outputs at one sparsity per group. After each block, LoRA_0 
 if it does not lower the error at s = 0.3.
 
 Our extensions: the 2:4 tier has its own group (on top of the groups up to 50%), two groups beyond
-70% (0.7-0.8, 0.8-0.9), and an `unmasked` mode where the delta is not masked (a low-rank path beside
-the sparse base at run time). The run resumes from the last finished block whose files verify, so a
+70% (0.7-0.8, 0.8-0.9), an `unmasked` mode where the delta is not masked (a low-rank path beside
+the sparse base at run time), and input streams per sparsity band or per group instead of the one MSFM
+stream (`EPTSConfig.streams`; docs/quality.md, "Input streams"). The run resumes from the last finished block whose files verify, so a
 kill at any point or a damaged file costs at most the blocks after it (see "resume folder" below).
 """
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formats import PackedCols, _check_mask, _check_weight, pack_cols, unpack_cols
+from .formats import PackedCols, _check_mask, _check_weight, _nbytes, pack_cols, unpack_cols
 
 __all__ = [
     "PackedBitmask",
@@ -44,10 +44,6 @@ __all__ = [
     "unpack_bitmask",
     "unpack_dense",
 ]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ Layouts are neutral (row-major, little-endian bit order) so a backend can repack
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -98,8 +98,32 @@ def _unpack_bits(words: torch.Tensor, width: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+class _PackedTensors:
+    """What the packed formats share: dtype and device are those of ``values``, ``nbytes`` counts every tensor
+    field, and ``to`` moves every tensor field (the other fields are kept)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def _tensor_fields(self) -> dict[str, torch.Tensor]:
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed tensors (what a kernel must read)."""
+        return sum(_nbytes(t) for t in self._tensor_fields().values())
+
+    def to(self, device: torch.device | str):
+        return replace(self, **{name: t.to(device) for name, t in self._tensor_fields().items()})
+
+
 @dataclass(frozen=True)
-class Packed24:
+class Packed24(_PackedTensors):
     """A 2:4 sparse weight: in each group of 4 consecutive inputs of a row, 2 values are kept.
 
     values: [N, K/2], the kept values of each group in increasing input order (dtype of the weight).
@@ -112,21 +136,6 @@ class Packed24:
     meta: torch.Tensor
     shape: tuple[int, int]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed tensors (what a kernel must read)."""
-        return _nbytes(self.values) + _nbytes(self.meta)
-
-    def to(self, device: torch.device | str) -> Packed24:
-        return Packed24(self.values.to(device), self.meta.to(device), self.shape)
 
 
 def pack_24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
@@ -176,7 +185,7 @@ def unpack_24(packed: Packed24) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class PackedBitmap:
+class PackedBitmap(_PackedTensors):
     """An unstructured sparse weight as a bitmap plus the kept values compacted row-major.
 
     bitmap:  [N, ceil(K/32)] int32; weight (n, k) is kept iff bit ``k % 32`` of ``bitmap[n, k // 32]``.
@@ -198,14 +207,6 @@ class PackedBitmap:
     word_offsets: torch.Tensor | None = None
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def nnz(self) -> int:
         return self.values.numel()
 
@@ -215,19 +216,9 @@ class PackedBitmap:
         n, k = self.shape
         return self.nnz / max(1, n * k)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed tensors (what a kernel must read)."""
-        offsets = 0 if self.word_offsets is None else _nbytes(self.word_offsets)
-        return _nbytes(self.bitmap) + _nbytes(self.values) + _nbytes(self.row_ptr) + offsets
-
     def to(self, device: torch.device | str) -> PackedBitmap:
-        offsets = None if self.word_offsets is None else self.word_offsets.to(device)
-        values = self.values.to(device)
-        return PackedBitmap(
-            self.bitmap.to(device), values if values_have_tail(values) else _with_tail(values),
-            self.row_ptr.to(device), self.shape, offsets
-        )
+        moved = super().to(device)  # a copy of the values to another device loses their tail: give it back
+        return moved if values_have_tail(moved.values) else replace(moved, values=_with_tail(moved.values))
 
 
 def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedBitmap:
@@ -294,7 +285,7 @@ _COLS_PAD = 8  # entries per run are padded to a multiple of this (16-byte value
 
 
 @dataclass(frozen=True)
-class PackedCols:
+class PackedCols(_PackedTensors):
     """An unstructured sparse weight as, per (row, 256-input tile), its kept values and one-byte columns.
 
     values:  [E] kept values; run (n, t) = ``values[run_ptr[n * T + t]:run_ptr[n * T + t + 1]]`` holds the
@@ -314,25 +305,9 @@ class PackedCols:
     nnz: int
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def tiles(self) -> int:
         return -(-self.shape[1] // COLS_TILE)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed tensors (what a kernel must read)."""
-        return _nbytes(self.values) + _nbytes(self.cols) + _nbytes(self.run_ptr)
-
-    def to(self, device: torch.device | str) -> PackedCols:
-        return PackedCols(self.values.to(device), self.cols.to(device), self.run_ptr.to(device), self.shape,
-                          self.nnz)
 
 
 def pack_cols(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedCols:

@@ -64,7 +64,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .formats import _check_mask, _check_weight, _nbytes, _pack_bits, _unpack_bits
+from .formats import _check_mask, _check_weight, _nbytes, _pack_bits, _PackedTensors, _unpack_bits
 from .reference import check_linear_inputs
 
 __all__ = [
@@ -87,7 +87,7 @@ DEFAULT_ALIGN = 4  # 8-byte fp16 value loads and 4-byte column loads: the smalle
 
 
 @dataclass(frozen=True)
-class PackedNested:
+class PackedNested(_PackedTensors):
     """T nested unstructured tiers of one weight W [N, K] sharing one copy of the values.
 
     values:       [E] kept values of the densest tier (T - 1), row by row, tile by tile, and within a
@@ -121,14 +121,6 @@ class PackedNested:
     align: int = 1
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def num_tiers(self) -> int:
         return len(self.tier_nnz)
 
@@ -154,15 +146,8 @@ class PackedNested:
         return self.tier_nnz[tier] / max(1, n * k)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes stored for all tiers together."""
-        optional = (self.cols, self.level_ends, self.planes)
-        return _nbytes(self.values) + _nbytes(self.row_ptr) + _nbytes(self.tile_offsets) + sum(
-            _nbytes(t) for t in optional if t is not None
-        )
-
-    @property
     def stored_bytes_per_weight(self) -> float:
+        """``nbytes`` (all tiers together) per dense weight."""
         n, k = self.shape
         return self.nbytes / max(1, n * k)
 
@@ -193,14 +178,6 @@ class PackedNested:
             return self.indexes[0]
         return min(self.indexes, key=lambda name: self.read_bytes(tier, name))
 
-    def to(self, device: torch.device | str) -> PackedNested:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return PackedNested(
-            self.values.to(device), self.row_ptr.to(device), self.tile_offsets.to(device), move(self.cols),
-            move(self.level_ends), move(self.planes), self.shape, self.tile, self.tier_nnz, self.align,
-        )
 
 
 def _check_nested_masks(

@@ -24,7 +24,7 @@ from ._launch import (
     gemv_output,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, gather_load, launch_gemv, store_split_k
+from ._triton_util import autotune_bench, gather_load, launch_gemv, split_k_range, store_split_k
 from .formats import COLS_TILE, PackedCols
 from .reference import check_linear_inputs
 
@@ -55,9 +55,7 @@ def _gemv_cols_kernel(
     SPLIT_K = tl.num_programs(1)
     TILE: tl.constexpr = 256
     n_tiles = tl.cdiv(K, TILE)
-    per = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_s * per
-    t_hi = tl.minimum(n_tiles, t_lo + per)
+    t_lo, t_hi = split_k_range(n_tiles, pid_s, SPLIT_K, 1)  # format tiles of this split
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N

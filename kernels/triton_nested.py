@@ -44,7 +44,7 @@ from ._launch import (
     gemv_output,
     interpreter_enabled,
 )
-from ._triton_util import autotune_bench, gather_load, launch_gemv, store_split_k
+from ._triton_util import autotune_bench, gather_load, launch_gemv, split_k_range, store_split_k
 from .nested import PackedNested
 from .reference import check_linear_inputs
 
@@ -75,14 +75,6 @@ def _levels_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _split_tiles(n_tiles, pid_s, SPLIT_K):
-    """Format tiles [t_lo, t_hi) of split pid_s of SPLIT_K (split-K over the grid's second axis)."""
-    per = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_s * per
-    return t_lo, tl.minimum(n_tiles, t_lo + per)
-
-
-@triton.jit
 def _gemv_cols_kernel(
     x_ptr, values_ptr, cols_ptr, row_ptr, tile_off_ptr, ends_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, TIER,
@@ -105,7 +97,7 @@ def _gemv_cols_kernel(
     tile_rows = offs_n * n_tiles
     x_rows = x_ptr + (tl.minimum(offs_m, M - 1) * stride_xm)[:, None, None]  # [BM, 1, 1]
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_J), dtype=tl.float32)
-    t_lo, t_hi = _split_tiles(n_tiles, pid_s, SPLIT_K)
+    t_lo, t_hi = split_k_range(n_tiles, pid_s, SPLIT_K, 1)  # format tiles of this split
     for t in range(t_lo, t_hi):
         off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
         length = tl.load(ends_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32)  # [BN] prefix lengths
@@ -170,7 +162,7 @@ def _gemv_levels_kernel(
     row_start = tl.load(row_ptr + offs_n, mask=n_mask, other=0)  # [BN] int64
     tile_rows = offs_n.to(tl.int64) * n_tiles
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, TILE), dtype=tl.float32)
-    t_lo, t_hi = _split_tiles(n_tiles, pid_s, SPLIT_K)
+    t_lo, t_hi = split_k_range(n_tiles, pid_s, SPLIT_K, 1)  # format tiles of this split
     for t in tl.range(t_lo, t_hi, num_stages=NUM_STAGES):
         off = tl.load(tile_off_ptr + tile_rows + t, mask=n_mask, other=0).to(tl.int32) & 0xFFFF
         wt = _expand_levels(planes_ptr, values_ptr, row_start + off, offs_n, t, TIER, N, n_words,

@@ -231,6 +231,12 @@ def _forward(layer, ctx: BlockContext, params: dict[str, torch.Tensor], x: torch
                                            ctx.positions.expand(B, -1), None, x.shape[1]), strict=False)
 
 
+def _stream_plan(cfg: EPTSConfig, n_streams: int) -> tuple[list[int], list[float]]:
+    """cfg.stream_plan(), or every path on one MSFM stream when the caller gives one stream ([n, T, H], as
+    the block probe does whatever cfg.streams says)."""
+    return cfg.stream_plan() if n_streams > 1 else ([0] * len(_paths(cfg)), cfg.mixing_weights())
+
+
 def train_block(layer, block: int, ctx: BlockContext, x_mix: torch.Tensor, y_dense: torch.Tensor,
                 masks: NestedMasks, cfg: EPTSConfig, gen: torch.Generator, progress: bool) -> BlockLoRA:
     """Reconstruct one block; returns its trained LoRA stack. `x_mix`: the sparse paths' input, [n, T, H]
@@ -239,7 +245,7 @@ def train_block(layer, block: int, ctx: BlockContext, x_mix: torch.Tensor, y_den
     bw = _BlockWeights(layer, block, masks, lora, cfg.lora_mode)
     paths = _paths(cfg)
     x_streams = x_mix if x_mix.dim() == 4 else x_mix.unsqueeze(0)
-    stream_of = cfg.stream_plan()[0] if x_streams.shape[0] > 1 else [0] * len(paths)
+    stream_of, _ = _stream_plan(cfg, x_streams.shape[0])
     n = x_streams.shape[1]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     steps = cfg.epochs * steps_per_epoch
@@ -296,8 +302,7 @@ def _mix(layer, block, ctx, x_mix, masks, lora, cfg, gen) -> torch.Tensor:
     several streams ([streams, n, T, H]), each stream mixes the outputs of its own paths on itself."""
     bw = _BlockWeights(layer, block, masks, lora, cfg.lora_mode)
     streams = x_mix if x_mix.dim() == 4 else x_mix.unsqueeze(0)
-    stream_of, weights = cfg.stream_plan() if streams.shape[0] > 1 else ([0] * len(_paths(cfg)),
-                                                                          cfg.mixing_weights())
+    stream_of, weights = _stream_plan(cfg, streams.shape[0])
     out = torch.zeros_like(streams)
     for p, w, k in zip(_paths(cfg), weights, stream_of):
         s = p.stratified(1, gen)[0]
